@@ -1,0 +1,455 @@
+"""Put adapters into a model and manage them: find target modules, wrap them, freeze the base,
+switch, disable, merge, delete, unload, count parameters.
+
+Every function acts in place on the user's own `nn.Module`, so a transformers model stays a
+transformers model (`generate`, `save_pretrained`, checkpointing keep working). The per-model
+bookkeeping (each adapter's resolved config, the active set, the parameters lorakit froze)
+lives in one attribute, `model._lorakit`.
+
+Target matching is PEFT's, so a config means the same module set in both tools:
+  - a string is `re.fullmatch`ed against the full dotted module name;
+  - a list matches a name equal to an entry or ending with "." + entry, then
+    `layers_to_transform` / `layers_pattern` filter by layer index;
+  - "all-linear" is every nn.Linear / Conv1D except the output head;
+  - `exclude_modules` (same rules) and the `modules_to_save` modules are never targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .errors import AdapterStateError, LoraError, TargetModulesError
+from .layers import CONV_TYPES, LINEAR_TYPES, LoraLayer, ModulesToSave, make_lora_layer
+
+BASE_NAME = "__base__"
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+_SUPPORTED = LINEAR_TYPES + (nn.Embedding,) + CONV_TYPES
+
+
+@dataclass
+class LoraState:
+    """What lorakit knows about a model's adapters (stored as `model._lorakit`)."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    """Each adapter's config, with `target_modules` resolved as it is saved."""
+    active: list[str] = field(default_factory=list)
+    """Adapters whose terms are added, in order."""
+    frozen: list[nn.Parameter] = field(default_factory=list)
+    """Base parameters lorakit set to requires_grad=False; `unload` gives them back."""
+
+
+def get_state(model: nn.Module) -> LoraState:
+    state = getattr(model, "_lorakit", None)
+    if state is None:
+        raise AdapterStateError(f"{type(model).__name__} has no lorakit adapters; call lorakit.add_adapter first")
+    return state
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
+    """Every adapter wrapper with its module path."""
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            yield name, module
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for name, module in wrappers(model):
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Module names as the user sees them: a wrapper stands for the module it wraps, and nothing
+    inside a wrapper is listed."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            inside.append(name)
+        yield name, module
+
+
+def _base_module(module: nn.Module) -> nn.Module:
+    if isinstance(module, LoraLayer):
+        return module.base_layer
+    if isinstance(module, ModulesToSave):
+        return module.original_module
+    return module
+
+
+def _matches_list(name: str, entries: list[str]) -> str | None:
+    for entry in entries:
+        if name == entry or name.endswith("." + entry):
+            return entry
+    return None
+
+
+def _layer_index_ok(config: LoraConfig, name: str) -> bool:
+    layers = config.layers_to_transform
+    if layers is None or layers == []:
+        return True
+    patterns = config.layers_pattern
+    if patterns in (None, "", []):
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)     # the first numbered segment
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _excluded(config: LoraConfig, name: str) -> bool:
+    ex = config.exclude_modules
+    if isinstance(ex, str) and re.fullmatch(ex, name):
+        return True
+    if isinstance(ex, list) and _matches_list(name, ex):
+        return True
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save or [])
+
+
+def resolve_target_modules(model: nn.Module, config: LoraConfig) -> str | list[str]:
+    """`target_modules` as it will be matched and saved: the model type's default for None, the
+    list of matched module names for "all-linear", otherwise as given."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise TargetModulesError(
+                f"target_modules is not set and there is no default for model type {model_type!r}; set it, "
+                "e.g. target_modules='all-linear' or ['q_proj', 'v_proj']"
+            )
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [n for n, m in _logical_modules(model)
+                 if isinstance(_base_module(m), LINEAR_TYPES) and _base_module(m) is not head
+                 and not isinstance(m, ModulesToSave)]
+        return sorted(names)
+    return targets
+
+
+def _find_targets(model: nn.Module, config: LoraConfig, targets: str | list[str]) -> list[tuple[str, nn.Module]]:
+    found, used = [], set()
+    for name, module in _logical_modules(model):
+        if not name or isinstance(module, ModulesToSave) or _excluded(config, name):
+            continue
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            entry = _matches_list(name, targets)
+            hit = entry is not None and _layer_index_ok(config, name)
+            if hit:
+                used.add(entry)
+        if hit:
+            found.append((name, module))
+    if not found:
+        candidates = sorted({n.rsplit(".", 1)[-1] for n, m in _logical_modules(model)
+                             if n and isinstance(_base_module(m), _SUPPORTED)})
+        example = next((n for n, m in _logical_modules(model) if n and isinstance(_base_module(m), _SUPPORTED)), None)
+        filters = " after exclude_modules / layers_to_transform" if (
+            config.exclude_modules or config.layers_to_transform is not None) else ""
+        raise TargetModulesError(
+            f"target_modules {targets!r} matched no module of {type(model).__name__}{filters}. Modules LoRA can "
+            f"adapt: {', '.join(candidates) or '(none)'}" + (f" (full names look like {example!r})" if example else "")
+        )
+    if isinstance(targets, list):
+        missing = [t for t in targets if t not in used]
+        if missing:
+            warnings.warn(f"target_modules entries {missing} matched no module of {type(model).__name__}", stacklevel=4)
+    return found
+
+
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name == BASE_NAME:
+        raise AdapterStateError(
+            f"adapter name {name!r} is not valid: use letters, digits, '_' and '-' (it names a folder when "
+            f"saved), and not {BASE_NAME!r}, which means 'no adapter'"
+        )
+    state = getattr(model, "_lorakit", None)
+    if state is not None and name in state.configs:
+        raise AdapterStateError(f"an adapter named {name!r} already exists; pick another name or delete_adapter it first")
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, trainable: bool = True,
+                activate: bool = True, adapter_dtype: torch.dtype | None = None) -> nn.Module:
+    """Add a new adapter to `model` in place and return the model.
+
+    The first adapter freezes every base parameter. The new adapter's parameters (and its
+    `modules_to_save` copies and, per `bias`, base biases) train when `trainable`. With `activate`
+    it becomes the only active adapter. Its weights take the base layer's dtype unless
+    `adapter_dtype` says otherwise.
+    """
+    return _add(model, config, name, trainable=trainable, activate=activate, adapter_dtype=adapter_dtype,
+                initialise=True)
+
+
+def _add(model: nn.Module, config: LoraConfig, name: str, *, trainable: bool, activate: bool,
+         adapter_dtype: torch.dtype | None, initialise: bool) -> nn.Module:
+    """`add_adapter`, with `initialise=False` for loading: the weights are about to be overwritten,
+    so an init that rewrites the base (PiSSA, OLoRA) must not run."""
+    if not isinstance(config, LoraConfig):
+        raise LoraError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    _check_new_name(model, name)
+    targets = resolve_target_modules(model, config)
+    found = _find_targets(model, config, targets)
+    save_names = _find_modules_to_save(model, config)
+
+    state = getattr(model, "_lorakit", None)
+    if state is None:
+        state = LoraState()
+        for p in model.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                state.frozen.append(p)
+        model._lorakit = state
+
+    init = config.init_lora_weights if initialise else True
+    new_layers: list[LoraLayer] = []
+    try:
+        for module_name, module in found:
+            layer = module if isinstance(module, LoraLayer) else make_lora_layer(module, module_name)
+            layer.add_adapter(name, config.rank_for(module_name), config.alpha_for(module_name),
+                              config.lora_dropout, init, config.use_rslora, config.use_dora, config.lora_bias,
+                              adapter_dtype)
+            if layer is not module:
+                _replace(model, module_name, layer)
+            new_layers.append(layer)
+        for module_name in save_names:
+            module = model.get_submodule(module_name)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module, module_name)
+                _replace(model, module_name, module)
+            module.add_adapter(name)
+    except Exception:
+        state.configs[name] = config  # so the rollback finds what to remove
+        delete_adapter(model, name)
+        raise
+
+    fan_in_fan_out = any(isinstance(m, LoraLayer) and getattr(m, "fan_in_fan_out", False) for m in new_layers)
+    resolved = dataclasses.replace(
+        config, target_modules=targets, fan_in_fan_out=fan_in_fan_out or config.fan_in_fan_out,
+        base_model_name_or_path=config.base_model_name_or_path or _model_name(model),
+    )
+    state.configs[name] = resolved
+    _set_trainable(model, name, resolved, trainable)
+    if activate:
+        set_active_adapters(model, [name])
+    return model
+
+
+def _find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    found, used = [], set()
+    for name, module in _logical_modules(model):
+        entry = _matches_list(name, config.modules_to_save) if name else None
+        if entry is not None and not isinstance(module, LoraLayer):
+            found.append(name)
+            used.add(entry)
+    missing = [m for m in config.modules_to_save if m not in used]
+    if missing and not found:
+        raise TargetModulesError(f"modules_to_save {config.modules_to_save} matched no module of {type(model).__name__}")
+    if missing:
+        warnings.warn(f"modules_to_save entries {missing} matched no module of {type(model).__name__}", stacklevel=4)
+    return found
+
+
+def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _model_name(model: nn.Module) -> str | None:
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name or None
+
+
+def _set_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: bool) -> None:
+    for _, module in wrappers(model):
+        if name in module.adapter_names:
+            for p in module.adapter_parameters(name).values():
+                p.requires_grad_(trainable)
+    if not trainable or config.bias == "none":
+        return
+    if config.bias == "all":
+        for pname, p in model.named_parameters():
+            if pname.rsplit(".", 1)[-1] == "bias" and ".lora_" not in pname and ".modules_to_save." not in pname:
+                p.requires_grad_(True)
+    else:  # lora_only: the biases of the layers this adapter adapts
+        for _, layer in lora_layers(model):
+            bias = getattr(layer.base_layer, "bias", None)
+            if name in layer.r and bias is not None:
+                bias.requires_grad_(True)
+
+
+# ---- switching ------------------------------------------------------------------------------
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters on `model`, in the order they were added (empty if none)."""
+    state = getattr(model, "_lorakit", None)
+    return list(state.configs) if state else []
+
+
+def get_adapter_config(model: nn.Module, name: str = "default") -> LoraConfig:
+    """The resolved config of adapter `name` (as it is saved)."""
+    state = get_state(model)
+    _check_known(state, [name])
+    return state.configs[name]
+
+
+def _check_known(state: LoraState, names: list[str]) -> None:
+    for n in names:
+        if n not in state.configs:
+            raise AdapterStateError(f"no adapter named {n!r}; adapters on this model: {list(state.configs)}")
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(get_state(model).active)
+
+
+def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
+    """Make exactly `names` active (their terms are summed); [] leaves only the base."""
+    state = get_state(model)
+    names = [names] if isinstance(names, str) else list(names)
+    _check_known(state, names)
+    merged = {n for _, layer in lora_layers(model) for n in layer.merged_adapters}
+    dropped = sorted(merged - set(names))
+    if dropped:
+        raise AdapterStateError(f"adapters {dropped} are merged into the base weights; unmerge_adapters before "
+                                "deactivating them")
+    state.active = names
+    for _, module in wrappers(model):
+        module.active_adapters = list(names)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes exactly its base output."""
+    get_state(model)
+    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise AdapterStateError("adapters are merged into the base weights, so the base output cannot be "
+                                "recovered exactly; call unmerge_adapters first")
+    modules = [m for _, m in wrappers(model)]
+    previous = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, previous, strict=True):
+            m.disabled = was
+
+
+# ---- merging --------------------------------------------------------------------------------
+
+
+def merge_adapters(model: nn.Module, names: list[str] | None = None, safe: bool = False) -> None:
+    """Fold adapters (default: the active ones) into the base weights; reversible with
+    `unmerge_adapters`, idempotent. With `safe`, every merged weight is computed and checked for
+    NaN/inf before any weight is written."""
+    state = get_state(model)
+    names = list(state.active) if names is None else ([names] if isinstance(names, str) else list(names))
+    _check_known(state, names)
+    inactive = [n for n in names if n not in state.active]
+    if inactive:
+        raise AdapterStateError(f"adapters {inactive} are not active; set_active_adapters to include them before merging")
+    layers = list(lora_layers(model))
+    if safe:
+        for module_name, layer in layers:
+            new_w, new_b, _ = layer.merged_weights(names)
+            if not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all()):
+                bad = [n for n in names if n in layer.r and not torch.isfinite(layer.delta_weight(n)).all()]
+                raise AdapterStateError(
+                    f"merging {bad or names} into {module_name} gives NaN/inf weights; nothing was merged. "
+                    "The adapter's weights are broken (check training for divergence)"
+                )
+    for _, layer in layers:
+        layer.merge(names)
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Take every merged adapter back out of the base weights (exact up to float rounding)."""
+    get_state(model)
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+# ---- removing -------------------------------------------------------------------------------
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`. Wrappers left without adapters are replaced by their base module;
+    when the last adapter goes, the model is plain again (as after `unload(merge=False)`)."""
+    state = get_state(model)
+    _check_known(state, [name])
+    for module_name, module in list(wrappers(model)):
+        if name in getattr(module, "merged_adapters", []):
+            raise AdapterStateError(f"adapter {name!r} is merged into {module_name}; unmerge_adapters first")
+    for module_name, module in list(wrappers(model)):
+        module.delete_adapter(name)
+        if not module.adapter_names:
+            _replace(model, module_name, _base_module(module))
+    del state.configs[name]
+    if name in state.active:
+        state.active.remove(name)
+    if not state.configs:
+        _release(model, state)
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Return the plain model with every wrapper removed. With `merge`, the active adapters (and
+    their `modules_to_save` copies) are folded in first; without it, the base comes back."""
+    state = get_state(model)
+    if merge:
+        merge_adapters(model)
+    else:
+        unmerge_adapters(model)
+    for module_name, module in list(wrappers(model)):
+        if isinstance(module, ModulesToSave) and merge:
+            keep = module.current()
+        else:
+            keep = _base_module(module)
+        _replace(model, module_name, keep)
+    _release(model, state)
+    return model
+
+
+def _release(model: nn.Module, state: LoraState) -> None:
+    for p in state.frozen:
+        p.requires_grad_(True)
+    del model._lorakit
+
+
+# ---- counting -------------------------------------------------------------------------------
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor counted once (PEFT's numbers)."""
+    trainable = total = 0
+    for p in model.parameters():  # parameters() yields each shared tensor once
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """PEFT's one-line summary: `trainable params: X || all params: Y || trainable%: Z`."""
+    trainable, total = trainable_parameters(model)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

@@ -1,0 +1,189 @@
+"""Save and load adapters in PEFT's format, so they move freely between lorakit, PEFT, vLLM and
+llama.cpp.
+
+A saved adapter is a directory with `adapter_config.json` and `adapter_model.safetensors`
+(metadata {"format": "pt"}). Tensor keys are `base_model.model.<module path>.<suffix>` with the
+adapter name removed: `lora_A.weight`, `lora_B.weight`, `lora_B.bias`, `lora_embedding_A`,
+`lora_embedding_B`, `lora_magnitude_vector`; `modules_to_save` copies under the module's own
+parameter names; trainable base biases (`bias="all"|"lora_only"`) under their model names.
+Several adapters: `default` at the root, every other one in `<dir>/<name>/`.
+
+Loading is strict where PEFT is lenient: a missing or unexpected key, or a shape that does not fit,
+is an error naming the module and both shapes, and nothing stays half-loaded. Nothing is ever
+unpickled; files are written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterFileError, LoraError
+from .inject import _add, delete_adapter, get_state, lora_layers, wrappers
+from .layers import LoraEmbedding, LoraLayer
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under PEFT's file keys (live parameters, not copies)."""
+    state = get_state(model)
+    if name not in state.configs:
+        raise LoraError(f"no adapter named {name!r}; adapters on this model: {list(state.configs)}")
+    config = state.configs[name]
+    out: dict[str, torch.Tensor] = {}
+    for module_name, module in wrappers(model):
+        if name not in module.adapter_names:
+            continue
+        for suffix, param in module.adapter_parameters(name).items():
+            out[f"{PREFIX}{module_name}.{suffix}"] = param
+        if isinstance(module, LoraLayer) and config.bias == "lora_only":
+            bias = getattr(module.base_layer, "bias", None)
+            if bias is not None:
+                out[f"{PREFIX}{module_name}.base_layer.bias"] = bias
+    if config.bias == "all":
+        for pname, param in model.named_parameters():
+            if pname.rsplit(".", 1)[-1] == "bias" and ".lora_" not in pname and ".modules_to_save." not in pname:
+                out[PREFIX + pname.replace(".original_module.", ".")] = param
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | list[str] | None = None) -> None:
+    """Write adapters in PEFT's format. One name: that adapter at the root of `path`. A list, or
+    None for all: `default` (or the only one) at the root and each other adapter in `path/<name>/`."""
+    state = get_state(model)
+    names = list(state.configs) if name is None else ([name] if isinstance(name, str) else list(name))
+    for n in names:
+        if n not in state.configs:
+            raise LoraError(f"no adapter named {n!r} to save; adapters on this model: {list(state.configs)}")
+    root = Path(path)
+    for n in names:
+        at_root = len(names) == 1 or n == "default"
+        _save_one(model, n, root if at_root else root / n)
+
+
+def _save_one(model: nn.Module, name: str, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()}
+    config = get_state(model).configs[name].to_peft_dict()
+    config["inference_mode"] = True
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
+    """The `LoraConfig` of a saved adapter directory."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    file = directory / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return LoraConfig.from_peft_dict(data, source=str(file))
+
+
+def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter directory, read from safetensors only."""
+    directory = Path(path)
+    file = directory / WEIGHTS_NAME
+    if not file.is_file():
+        if (directory / PICKLE_NAME).is_file():
+            raise AdapterFileError(
+                f"{directory / PICKLE_NAME} is a pickle, which lorakit never loads (unpickling can run code). "
+                f"Convert it once with PEFT: PeftModel.from_pretrained(base, '{directory}')"
+                ".save_pretrained(out_dir, safe_serialization=True)"
+            )
+        raise FileNotFoundError(f"{file} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read as safetensors: {e}") from None
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False,
+                 activate: bool = True, adapter_dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a PEFT-format adapter directory into `model` as adapter `name` (in place; returns the
+    model). Keys and shapes must fit exactly; on any mismatch nothing is left loaded."""
+    config = read_adapter_config(path)
+    tensors = read_adapter_weights(path)
+    source = Path(path) / WEIGHTS_NAME
+    _add(model, config, name, trainable=trainable, activate=activate, adapter_dtype=adapter_dtype,
+         initialise=False)
+    try:
+        _copy_into(model, name, tensors, source)
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    return model
+
+
+def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    expected = adapter_state_dict(model, name)
+    # PEFT also saves the base weight of targeted embeddings (for resized vocabularies); those
+    # load into the base layer.
+    extra = _embedding_base_weights(model, name)
+    unexpected = sorted(k for k in tensors if k not in expected and k not in extra)
+    missing = sorted(k for k in expected if k not in tensors)
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys the adapter config implies ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} keys that match nothing in the model ({_few(unexpected)})")
+        hint = "" if any(k.startswith(PREFIX) for k in tensors) else \
+            f"; keys must start with {PREFIX!r} as PEFT writes them"
+        raise AdapterFileError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts) + hint)
+    for key, tensor in tensors.items():
+        target = expected.get(key, extra.get(key))
+        if tuple(tensor.shape) != tuple(target.shape):
+            module = key[len(PREFIX):].rsplit(".", 2 if key.endswith(".weight") or key.endswith(".bias") else 1)[0]
+            raise AdapterFileError(
+                f"{source}: {key} has shape {tuple(tensor.shape)} but module {module} expects "
+                f"{tuple(target.shape)}; the adapter was made for another model or rank"
+            )
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            target = expected.get(key, extra.get(key))
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def _embedding_base_weights(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    return {f"{PREFIX}{module_name}.base_layer.weight": layer.base_layer.weight
+            for module_name, layer in lora_layers(model)
+            if isinstance(layer, LoraEmbedding) and name in layer.r}
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "")
+
+
+

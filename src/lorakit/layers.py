@@ -1,0 +1,499 @@
+"""The adapter math: wrappers that hold a frozen base layer and any number of named adapters.
+
+For a base weight W (d_out x d_in) and adapter factors A (r x d_in), B (d_out x r):
+
+    y = base(x) + sum over active adapters of  scaling * B A dropout(x)      (+ scaling * b_B)
+
+Dropout acts on the adapter path only. GPT-2's `Conv1D` stores W as (d_in x d_out)
+(`fan_in_fan_out`), so merging adds the transposed update. Embeddings are the other way round
+(A zeros, B normal at init; lookup rows of A^T). Conv layers use a conv A (the base's kernel) and
+a 1x1 conv B.
+
+DoRA (Linear / Conv1D): W' = m * (W + s B A) / ||W + s B A||_row with a trainable magnitude m
+(d_out,); the norm is detached in the forward (DoRA paper, section 4.3). Its forward is
+
+    y = bias + (m/n - 1) * W dropout(x) + W x + (m/n) * s * B A dropout(x)
+
+which with dropout 0 is exactly `bias + W' x`.
+
+Merging is explicit and idempotent: `merge` folds an adapter into W (remembering it, so its term
+is no longer added), `unmerge` takes it back out. Each wrapper keeps PEFT's attribute layout
+(`base_layer`, `lora_A.<name>.weight`, ...) so module paths map 1:1 onto PEFT's file keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import AdapterStateError, ConfigError, TargetModulesError
+from .ops import lora_linear_
+
+try:  # transformers' GPT-2 style linear with a (d_in, d_out) weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency; keep the core importable
+    Conv1D = None  # type: ignore[assignment, misc]
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+class _Wrapper(nn.Module):
+    """Attribute fallthrough: code that reads `layer.weight`, `layer.in_features`, ... on a wrapped
+    module gets the wrapped module's attribute, as it did before wrapping."""
+
+    _inner = "base_layer"
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self._inner:
+                raise
+            return getattr(super().__getattr__(self._inner), name)
+
+
+class LoraLayer(_Wrapper):
+    """Bookkeeping shared by every adapter wrapper: names, ranks, scalings, active and merged sets."""
+
+    def __init__(self, base_layer: nn.Module, module_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self._dora_factor: dict[str, Tensor] = {}  # m / ||W + sBA|| at merge time, for unmerge
+
+    # -- adapter management ---------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def _record(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool,
+                use_dora: bool, lora_bias: bool) -> None:
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout[name] = float(dropout)
+        self.use_dora[name] = use_dora
+        self.lora_bias[name] = lora_bias
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """This adapter's parameters under their PEFT key suffix (e.g. `lora_A.weight`)."""
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterStateError(f"adapter {name!r} is merged into {self.module_name}; unmerge it before deleting it")
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_dora, self.lora_bias):
+            table.pop(name, None)
+        for container in self._containers():
+            if name in container:
+                del container[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def _containers(self) -> list[nn.ModuleDict | nn.ParameterDict]:
+        raise NotImplementedError
+
+    # -- merging ------------------------------------------------------------------------------
+
+    def delta_weight(self, name: str) -> Tensor:
+        """scaling * B A in the base weight's layout and dtype float32 (or the weight's, if wider)."""
+        raise NotImplementedError
+
+    def merged_weights(self, names: list[str]) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """What merging `names` (in order, skipping merged ones) would write: the new weight, the new
+        bias (None if unchanged) and each DoRA adapter's row factor. Computed in float32 at least;
+        nothing is modified."""
+        weight, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        work = torch.promote_types(weight.dtype, torch.float32)
+        new_w, new_b, factors = weight.detach().to(work), None, {}
+        for name in names:
+            if name in self.merged_adapters or name not in self.r:
+                continue
+            new_w = new_w + self.delta_weight(name)
+            if self.use_dora[name]:
+                factors[name] = self._dora_merge_factor(name, new_w)
+                new_w = self._apply_row_factor(new_w, factors[name])
+            if self.lora_bias[name]:
+                new_b = (bias.detach().to(work) if new_b is None else new_b) + \
+                    self.scaling[name] * self._lora_b_bias(name).detach().to(work)
+        return new_w, new_b, factors
+
+    def merge(self, names: list[str]) -> None:
+        """Fold adapters into the base weight, in order. Already merged ones are skipped."""
+        names = [n for n in names if n in self.r and n not in self.merged_adapters]
+        if not names:
+            return
+        new_w, new_b, factors = self.merged_weights(names)
+        with torch.no_grad():
+            self.base_layer.weight.copy_(new_w)
+            if new_b is not None:
+                self.base_layer.bias.copy_(new_b)
+        self._dora_factor.update(factors)
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """Take every merged adapter back out of the base weight, last merged first."""
+        weight = self.base_layer.weight
+        work = torch.promote_types(weight.dtype, torch.float32)
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w = weight.detach().to(work)
+            if name in self._dora_factor:
+                w = self._apply_row_factor(w, 1.0 / self._dora_factor.pop(name))
+            w = w - self.delta_weight(name)
+            with torch.no_grad():
+                weight.copy_(w)
+                if self.lora_bias[name]:
+                    self.base_layer.bias.sub_(self.scaling[name] * self._lora_b_bias(name).detach().to(weight.dtype))
+
+    def _lora_b_bias(self, name: str) -> Tensor:
+        return self.lora_B[name].bias
+
+    def _dora_merge_factor(self, name: str, new_w: Tensor) -> Tensor:
+        raise TargetModulesError(f"DoRA is not supported on {type(self.base_layer).__name__} ({self.module_name})")
+
+    def _apply_row_factor(self, w: Tensor, factor: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _terms_to_add(self) -> list[str]:
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around `nn.Linear` or transformers' `Conv1D` (weight stored as (d_in, d_out))."""
+
+    def __init__(self, base_layer: nn.Module, module_name: str, fan_in_fan_out: bool) -> None:
+        super().__init__(base_layer, module_name)
+        self.fan_in_fan_out = fan_in_fan_out
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _containers(self):
+        return [self.lora_A, self.lora_B, self.lora_magnitude_vector]
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str,
+                    use_rslora: bool, use_dora: bool, lora_bias: bool, dtype: torch.dtype | None) -> None:
+        base = self.base_layer
+        if lora_bias and getattr(base, "bias", None) is None:
+            raise ConfigError(f"lora_bias=True needs a base layer with a bias; {self.module_name} has none")
+        if lora_bias and use_dora:
+            raise ConfigError(f"lora_bias=True cannot be combined with use_dora ({self.module_name})")
+        self._record(name, r, alpha, dropout, use_rslora, use_dora, lora_bias)
+        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)   # weight (r, d_in)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)  # weight (d_out, r)
+        self._init(name, init)
+        if use_dora:
+            with torch.no_grad():
+                w = self._weight_oi().to(torch.promote_types(base.weight.dtype, torch.float32))
+                lora_w = (self.lora_B[name].weight @ self.lora_A[name].weight).to(w.dtype)
+                norm = torch.linalg.norm(w + self.scaling[name] * lora_w, dim=1)   # (d_out,)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(kw["dtype"]))
+
+    def _init(self, name: str, init: bool | str) -> None:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if self.lora_B[name].bias is not None:
+                self.lora_B[name].bias.zero_()
+            if init is False:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            elif init is True:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))   # bound 1/sqrt(d_in)
+                B.zero_()
+            elif init == "gaussian":
+                nn.init.normal_(A, std=1.0 / self.r[name])
+                B.zero_()
+            elif init == "olora":
+                self._init_olora(name)
+            else:
+                match = _PISSA_NITER.fullmatch(init)
+                self._init_pissa(name, int(match.group(1)) if match else None)
+
+    def _weight_oi(self) -> Tensor:
+        """The base weight as (d_out, d_in), whatever its storage layout."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def _set_residual(self, name: str, w_oi: Tensor) -> None:
+        """Replace the base weight by W - s B A (PiSSA / OLoRA keep the model's output unchanged)."""
+        res = w_oi - self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
+        base_w = self.base_layer.weight
+        base_w.copy_((res.t() if self.fan_in_fan_out else res).to(base_w.dtype))
+
+    def _init_pissa(self, name: str, niter: int | None) -> None:
+        r, s = self.r[name], self.scaling[name]
+        w = self._weight_oi().detach().float()                        # (d_out, d_in)
+        if niter is None:
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        else:
+            U, S, V = torch.svd_lowrank(w, q=r, niter=niter)
+            Vh = V.t()
+        sq = torch.sqrt(S[:r] / s)                                     # split sigma evenly, undo s
+        self.lora_A[name].weight.copy_((sq[:, None] * Vh[:r]).to(self.lora_A[name].weight.dtype))  # (r, d_in)
+        self.lora_B[name].weight.copy_((U[:, :r] * sq[None, :]).to(self.lora_B[name].weight.dtype))  # (d_out, r)
+        self._set_residual(name, w)
+
+    def _init_olora(self, name: str) -> None:
+        r = self.r[name]
+        w = self._weight_oi().detach().float()                        # (d_out, d_in)
+        Q, R = torch.linalg.qr(w)                                      # Q (d_out, k), R (k, d_in)
+        self.lora_A[name].weight.copy_(R[:r].to(self.lora_A[name].weight.dtype))
+        self.lora_B[name].weight.copy_(Q[:, :r].to(self.lora_B[name].weight.dtype))
+        self._set_residual(name, w)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        params = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if self.lora_B[name].bias is not None:
+            params["lora_B.bias"] = self.lora_B[name].bias
+        if name in self.lora_magnitude_vector:
+            params["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return params
+
+    def delta_weight(self, name: str) -> Tensor:
+        work = torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+        A = self.lora_A[name].weight.detach().to(work)
+        B = self.lora_B[name].weight.detach().to(work)
+        delta = self.scaling[name] * (B @ A)                          # (d_out, d_in)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def _dora_merge_factor(self, name: str, new_w: Tensor) -> Tensor:
+        w_oi = new_w.t() if self.fan_in_fan_out else new_w
+        norm = torch.linalg.norm(w_oi, dim=1)                          # (d_out,)
+        return self.lora_magnitude_vector[name].detach().to(new_w.dtype) / norm
+
+    def _apply_row_factor(self, w: Tensor, factor: Tensor) -> Tensor:
+        return w * factor[None, :] if self.fan_in_fan_out else w * factor[:, None]
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        names = self._terms_to_add()
+        if not names:
+            return result
+        base_out = None
+        if any(self.use_dora[n] for n in names):
+            bias = getattr(self.base_layer, "bias", None)
+            base_out = result - bias if bias is not None else result     # W x, before any adapter term
+            # DoRA terms first: they add out of place, so the in-place LoRA adds below never
+            # touch `base_out`.
+            names = sorted(names, key=lambda n: not self.use_dora[n])
+        for name in names:
+            p = self.lora_dropout[name] if self.training else 0.0
+            if self.use_dora[name]:
+                result = result + self._dora_term(x, name, p, base_out)
+            else:
+                B = self.lora_B[name]
+                result = lora_linear_(result, x, self.lora_A[name].weight, B.weight, B.bias, self.scaling[name], p)
+        return result
+
+    def _dora_term(self, x: Tensor, name: str, p: float, base_out: Tensor) -> Tensor:
+        """(m/n - 1) W dropout(x) + (m/n) s B A dropout(x), with n = ||W + sBA||_row detached."""
+        dtype = base_out.dtype
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        w = self._weight_oi()
+        with torch.no_grad():
+            norm = torch.linalg.norm(w + s * (B @ A).to(w.dtype), dim=1).to(dtype)   # (d_out,)
+        factor = self.lora_magnitude_vector[name].to(dtype) / norm                  # (d_out,)
+        xd = F.dropout(x, p, training=True) if p > 0 else x
+        xd = xd.to(dtype)
+        lora_out = (xd @ A.to(dtype).t()) @ B.to(dtype).t()                         # (..., d_out)
+        base_part = base_out if p == 0 else F.linear(xd, w.to(dtype))
+        return (factor - 1) * base_part + factor * lora_out * s
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around `nn.Embedding`: A (r, num_embeddings) starts at zero, B (dim, r) normal."""
+
+    def __init__(self, base_layer: nn.Embedding, module_name: str) -> None:
+        super().__init__(base_layer, module_name)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _containers(self):
+        return [self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector]
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str,
+                    use_rslora: bool, use_dora: bool, lora_bias: bool, dtype: torch.dtype | None) -> None:
+        base = self.base_layer
+        for flag, what in ((use_dora, "use_dora"), (lora_bias, "lora_bias")):
+            if flag:
+                raise ConfigError(f"{what}=True is not supported on embedding {self.module_name}; exclude it "
+                                  "(exclude_modules) or switch it off")
+        if init not in (True, False, "gaussian"):
+            raise ConfigError(f"init_lora_weights={init!r} is for Linear layers; embedding {self.module_name} "
+                              "supports True, 'gaussian' or False")
+        self._record(name, r, alpha, 0.0, use_rslora, False, False)  # no dropout on embeddings
+        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        num, dim = base.weight.shape
+        A = torch.empty(r, num, **kw)
+        B = torch.empty(dim, r, **kw)
+        nn.init.normal_(B)
+        if init is False:
+            nn.init.normal_(A)
+        else:
+            nn.init.zeros_(A)
+        self.lora_embedding_A[name] = nn.Parameter(A)
+        self.lora_embedding_B[name] = nn.Parameter(B)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+
+    def delta_weight(self, name: str) -> Tensor:
+        work = torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+        A = self.lora_embedding_A[name].detach().to(work)
+        B = self.lora_embedding_B[name].detach().to(work)
+        return self.scaling[name] * (B @ A).t()                        # (num_embeddings, dim)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        for name in self._terms_to_add():
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            rows = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type,
+                               base.scale_grad_by_freq, base.sparse)     # (..., r)
+            result = result + (rows @ B.t()).to(result.dtype) * self.scaling[name]
+        return result
+
+
+class LoraConv(LoraLayer):
+    """LoRA around `nn.Conv1d/2d/3d`: A is a conv with the base's kernel, B a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.Module, module_name: str) -> None:
+        super().__init__(base_layer, module_name)
+        if base_layer.groups != 1:
+            raise TargetModulesError(f"{module_name}: grouped convolutions (groups={base_layer.groups}) are not "
+                                     "supported; exclude this module")
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _containers(self):
+        return [self.lora_A, self.lora_B, self.lora_magnitude_vector]
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str,
+                    use_rslora: bool, use_dora: bool, lora_bias: bool, dtype: torch.dtype | None) -> None:
+        base = self.base_layer
+        if use_dora:
+            raise ConfigError(f"use_dora=True is not supported on {type(base).__name__} {self.module_name}")
+        if lora_bias and base.bias is None:
+            raise ConfigError(f"lora_bias=True needs a base layer with a bias; {self.module_name} has none")
+        if init not in (True, False, "gaussian"):
+            raise ConfigError(f"init_lora_weights={init!r} is for Linear layers; {self.module_name} supports "
+                              "True, 'gaussian' or False")
+        self._record(name, r, alpha, dropout, use_rslora, False, lora_bias)
+        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        conv = type(base)
+        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                                 base.dilation, bias=False, **kw)
+        self.lora_B[name] = conv(r, base.out_channels, 1, 1, bias=lora_bias, **kw)
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A[name].weight, std=1.0 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(self.lora_B[name].weight, a=math.sqrt(5))
+            else:
+                self.lora_B[name].weight.zero_()
+            if lora_bias:
+                self.lora_B[name].bias.zero_()
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        params = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if self.lora_B[name].bias is not None:
+            params["lora_B.bias"] = self.lora_B[name].bias
+        return params
+
+    def delta_weight(self, name: str) -> Tensor:
+        work = torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+        A = self.lora_A[name].weight.detach().to(work)                  # (r, c_in, *k)
+        B = self.lora_B[name].weight.detach().to(work).flatten(1)       # (c_out, r)
+        return self.scaling[name] * torch.einsum("or,ri...->oi...", B, A)  # (c_out, c_in, *k)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._terms_to_add():
+            p = self.lora_dropout[name] if self.training else 0.0
+            xd = F.dropout(x, p, training=True) if p > 0 else x
+            A, B = self.lora_A[name], self.lora_B[name]
+            result = result + B(A(xd.to(A.weight.dtype))).to(result.dtype) * self.scaling[name]
+        return result
+
+
+class ModulesToSave(_Wrapper):
+    """A module trained in full next to the adapters (e.g. `lm_head`): the original stays frozen,
+    each adapter owns a trainable copy, and the first active adapter with a copy is used."""
+
+    _inner = "original_module"
+
+    def __init__(self, original_module: nn.Module, module_name: str) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.module_name = module_name
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return dict(self.modules_to_save[name].named_parameters())
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def current(self) -> nn.Module:
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+
+def make_lora_layer(module: nn.Module, module_name: str) -> LoraLayer:
+    """Wrap a supported base module, or say which types are supported. The weight layout
+    (`fan_in_fan_out`) follows the module type, as PEFT corrects it: Conv1D is (d_in, d_out)."""
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return LoraLinear(module, module_name, fan_in_fan_out=True)
+    if isinstance(module, nn.Linear):
+        return LoraLinear(module, module_name, fan_in_fan_out=False)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module, module_name)
+    if isinstance(module, CONV_TYPES):
+        return LoraConv(module, module_name)
+    raise TargetModulesError(
+        f"target module {module_name} is a {type(module).__name__}; LoRA supports nn.Linear, transformers "
+        "Conv1D, nn.Embedding and nn.Conv1d/2d/3d. Narrow target_modules or add it to exclude_modules"
+    )
