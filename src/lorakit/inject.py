@@ -138,7 +138,7 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> str | list[s
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = [n for n, m in _logical_modules(model)
                  if isinstance(_base_module(m), LINEAR_TYPES) and _base_module(m) is not head
-                 and not isinstance(m, ModulesToSave)]
+                 and not isinstance(m, ModulesToSave) and not _excluded(config, n)]
         return sorted(names)
     return targets
 
@@ -227,12 +227,13 @@ def _add(model: nn.Module, config: LoraConfig, name: str, *, trainable: bool, ac
                               config.lora_dropout, init, config.use_rslora, config.use_dora, config.lora_bias,
                               adapter_dtype)
             if layer is not module:
+                layer.train(module.training)   # a new wrapper follows the model's train/eval mode
                 _replace(model, module_name, layer)
             new_layers.append(layer)
         for module_name in save_names:
             module = model.get_submodule(module_name)
             if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module, module_name)
+                module = ModulesToSave(module, module_name).train(module.training)
                 _replace(model, module_name, module)
             module.add_adapter(name)
     except Exception:
