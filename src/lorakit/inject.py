@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
-from .errors import AdapterStateError, LoraError, TargetModulesError
-from .layers import CONV_TYPES, LINEAR_TYPES, LoraLayer, ModulesToSave, make_lora_layer
+from .errors import AdapterStateError, ConfigError, LoraError, TargetModulesError
+from .layers import CONV_TYPES, LINEAR_TYPES, LoraLayer, ModulesToSave, make_lora_layer, rewrites_base
 
 BASE_NAME = "__base__"
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
@@ -209,6 +209,13 @@ def _add(model: nn.Module, config: LoraConfig, name: str, *, trainable: bool, ac
     found = _find_targets(model, config, targets)
     save_names = _find_modules_to_save(model, config)
 
+    init = config.init_lora_weights if initialise else True
+    if rewrites_base(init):
+        for module_name, module in found:
+            if not isinstance(_base_module(module), LINEAR_TYPES):
+                raise ConfigError(f"init_lora_weights={init!r} is for Linear layers; {module_name} is a "
+                                  f"{type(_base_module(module)).__name__}: exclude it or use True / 'gaussian'")
+
     state = getattr(model, "_lorakit", None)
     if state is None:
         state = LoraState()
@@ -218,7 +225,6 @@ def _add(model: nn.Module, config: LoraConfig, name: str, *, trainable: bool, ac
                 state.frozen.append(p)
         model._lorakit = state
 
-    init = config.init_lora_weights if initialise else True
     new_layers: list[LoraLayer] = []
     try:
         for module_name, module in found:
@@ -240,6 +246,9 @@ def _add(model: nn.Module, config: LoraConfig, name: str, *, trainable: bool, ac
         state.configs[name] = config  # so the rollback finds what to remove
         delete_adapter(model, name)
         raise
+    if rewrites_base(init):   # only now that every target took the adapter
+        for layer in new_layers:
+            layer.init_from_base(name, init)
 
     fan_in_fan_out = any(isinstance(m, LoraLayer) and getattr(m, "fan_in_fan_out", False) for m in new_layers)
     resolved = dataclasses.replace(

@@ -44,6 +44,11 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
+def rewrites_base(init: bool | str) -> bool:
+    """PiSSA and OLoRA inits replace the base weight by a residual (Linear / Conv1D only)."""
+    return isinstance(init, str) and (init == "olora" or init.startswith("pissa"))
+
+
 class _Wrapper(nn.Module):
     """Attribute fallthrough: code that reads `layer.weight`, `layer.in_features`, ... on a wrapped
     module gets the wrapped module's attribute, as it did before wrapping."""
@@ -204,13 +209,30 @@ class LoraLinear(LoraLayer):
         kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)   # weight (r, d_in)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)  # weight (d_out, r)
-        self._init(name, init)
+        self._init(name, True if rewrites_base(init) else init)
         if use_dora:
-            with torch.no_grad():
-                w = self._weight_oi().to(torch.promote_types(base.weight.dtype, torch.float32))
-                lora_w = (self.lora_B[name].weight @ self.lora_A[name].weight).to(w.dtype)
-                norm = torch.linalg.norm(w + self.scaling[name] * lora_w, dim=1)   # (d_out,)
-            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(kw["dtype"]))
+            self._init_magnitude(name)
+
+    def _init_magnitude(self, name: str) -> None:
+        """m = ||W + s B A||_row, so DoRA starts at the LoRA model's output."""
+        with torch.no_grad():
+            w = self._weight_oi().to(torch.promote_types(self.base_layer.weight.dtype, torch.float32))
+            lora_w = (self.lora_B[name].weight @ self.lora_A[name].weight).to(w.dtype)
+            norm = torch.linalg.norm(w + self.scaling[name] * lora_w, dim=1)   # (d_out,)
+        self.lora_magnitude_vector[name] = nn.Parameter(norm.to(self.lora_A[name].weight.dtype))
+
+    def init_from_base(self, name: str, init: str) -> None:
+        """PiSSA / OLoRA: A and B from the base weight, which becomes the residual W - s B A.
+        Separate from `add_adapter` so that it runs only once every target accepted the adapter
+        (a failed add must not leave a rewritten base behind)."""
+        with torch.no_grad():
+            if init == "olora":
+                self._init_olora(name)
+            else:
+                match = _PISSA_NITER.fullmatch(init)
+                self._init_pissa(name, int(match.group(1)) if match else None)
+        if self.use_dora[name]:
+            self._init_magnitude(name)
 
     def _init(self, name: str, init: bool | str) -> None:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -223,14 +245,9 @@ class LoraLinear(LoraLayer):
             elif init is True:
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))   # bound 1/sqrt(d_in)
                 B.zero_()
-            elif init == "gaussian":
+            else:   # "gaussian"
                 nn.init.normal_(A, std=1.0 / self.r[name])
                 B.zero_()
-            elif init == "olora":
-                self._init_olora(name)
-            else:
-                match = _PISSA_NITER.fullmatch(init)
-                self._init_pissa(name, int(match.group(1)) if match else None)
 
     def _weight_oi(self) -> Tensor:
         """The base weight as (d_out, d_in), whatever its storage layout."""
@@ -405,7 +422,7 @@ class LoraConv(LoraLayer):
         kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
         conv = type(base)
         self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                 base.dilation, bias=False, **kw)
+                                 base.dilation, bias=False, padding_mode=base.padding_mode, **kw)
         self.lora_B[name] = conv(r, base.out_channels, 1, 1, bias=lora_bias, **kw)
         with torch.no_grad():
             if init == "gaussian":

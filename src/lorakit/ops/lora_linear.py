@@ -26,7 +26,9 @@ def _dropout(t: Tensor, p: float, seed: int) -> Tensor:
     """Inverted dropout with a mask drawn from `seed`: the same seed gives the same mask."""
     gen = torch.Generator(device=t.device)
     gen.manual_seed(seed)
-    mask = torch.empty_like(t).bernoulli_(1.0 - p, generator=gen)
+    # a fresh contiguous buffer: the mask must not depend on t's strides (bernoulli_ fills in
+    # memory order), or backward's mask would differ from forward's for a transposed input
+    mask = torch.empty(t.shape, dtype=t.dtype, device=t.device).bernoulli_(1.0 - p, generator=gen)
     return t * mask.div_(1.0 - p)
 
 
