@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(PY) examples/core_demo.py
+	$(VENV)/bin/lorakit train examples/quickstart.yaml
 
 test: setup
 	$(PY) -m pytest -q -m "not slow and not gpu"

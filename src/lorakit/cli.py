@@ -1,27 +1,105 @@
 """`lorakit VERB ...`: one verb, one function.
 
-Verbs here: `inspect` (what a saved adapter holds). Training, merging and serving verbs join as
-their modules land (see the README's roadmap).
+    train CONFIG.yaml [key.sub=value ...] [--nproc N]   train an adapter (lorakit.train.loop.train)
+    preview-data CONFIG.yaml [key=value ...]            samples as tokens, trained span marked
+    eval CONFIG.yaml | --data FILE --model M            loss, perplexity, exact match
+    merge ADAPTER_DIR --out DIR [--dtype]               base + adapter as a plain HF model directory
+    generate --prompt TEXT | --messages JSON            text from a model with adapters or merged
+    chat                                                interactive chat
+    inspect ADAPTER_DIR                                 what a saved adapter holds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 
 from . import __version__
+from .errors import LoraError
 
 
-def inspect_adapter(path: str) -> int:
-    """Print a saved adapter's config and tensors: a quick check before loading it anywhere."""
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+                   "-m", "lorakit", "train", *([args.config] if args.config else []), *args.overrides]
+        return subprocess.call(command)
+    from .train.config import load_config
+    from .train.loop import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_preview_data(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.model_io import load_tokenizer
+    from .train.preview import preview_data
+
+    cfg = load_config(args.config, args.overrides)
+    print(preview_data(cfg, load_tokenizer(cfg.model.name_or_path, cfg.model.revision), args.n))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.evaluate import run_eval
+
+    result = run_eval(args.config, args.overrides, data=args.data, model=args.model, adapters=args.adapter,
+                      batch_size=args.batch_size)
+    em = f" exact_match={result.exact_match:.4f}" if result.exact_match is not None else ""
+    print(f"eval_loss={result.loss:.4f} perplexity={result.ppl:.3f}{em} examples={result.n_examples}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .export import merge_to_model_dir
+
+    out = merge_to_model_dir(args.adapter_dir, args.out, dtype=args.dtype, base=args.base,
+                             max_shard_size=args.max_shard_size)
+    print(f"merged model written to {out}/")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_text, load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    messages = None
+    if args.messages is not None:
+        text = open(args.messages).read() if os.path.isfile(args.messages) else args.messages
+        try:
+            messages = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LoraError(f"--messages is not valid JSON (line {e.lineno}: {e.msg}); give a list of "
+                            '{"role": ..., "content": ...} objects or a file holding one') from None
+    text = generate_text(model, tokenizer, prompt=args.prompt, messages=messages, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                         stream=None if args.no_stream else sys.stdout)
+    if args.no_stream:
+        print(text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .generate import chat_loop, load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
     from .io import read_adapter_config, read_adapter_weights
 
-    config = read_adapter_config(path)
-    tensors = read_adapter_weights(path)
+    config = read_adapter_config(args.adapter_dir)
+    tensors = read_adapter_weights(args.adapter_dir)
     total = sum(t.numel() for t in tensors.values())
     targets = config.target_modules
     shown = targets if isinstance(targets, str) else f"{len(targets or [])} modules"
-    print(f"adapter {path}: r={config.r} lora_alpha={config.lora_alpha} use_rslora={config.use_rslora} "
+    print(f"adapter {args.adapter_dir}: r={config.r} lora_alpha={config.lora_alpha} use_rslora={config.use_rslora} "
           f"use_dora={config.use_dora} target_modules={shown}")
     print(f"{len(tensors)} tensors, {total:,d} parameters, dtypes {sorted({str(t.dtype) for t in tensors.values()})}")
     for key in sorted(tensors)[:8]:
@@ -31,20 +109,85 @@ def inspect_adapter(path: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory or hub id (default: the first adapter's base)")
+    p.add_argument("--adapter", action="append", default=[], help="adapter directory; repeat to sum several")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .schema import reference_text
+    from .train.config import TrainConfig
+
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning toolkit (PEFT-compatible).")
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("train", help="train an adapter from a YAML config",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Train a LoRA adapter. Settings come from CONFIG.yaml, then key.sub=value "
+                                     "overrides.", epilog="configuration keys:\n" + reference_text(TrainConfig))
+    p.add_argument("config", nargs="?", help="YAML config (omit for the built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.lr=1e-4")
+    p.add_argument("--nproc", type=int, help="launch this many processes with torchrun (strategy ddp or fsdp)")
+    p.set_defaults(run=cmd_train)
+
+    p = verbs.add_parser("preview-data", help="show training samples as tokens with the trained span marked")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("-n", type=int, default=3, help="samples to show")
+    p.set_defaults(run=cmd_preview_data)
+
+    p = verbs.add_parser("eval", help="loss, perplexity and exact match on evaluation data")
+    p.add_argument("config", nargs="?", help="a train config: its model, data.eval and output.dir adapter")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--data", help="evaluation file (instead of the config's)")
+    p.add_argument("--model", help="base model (instead of the config's)")
+    p.add_argument("--adapter", action="append", help="adapter directory (default: the config's output.dir)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(run=cmd_eval)
+
+    p = verbs.add_parser("merge", help="write base + adapter as a plain Hugging Face model directory")
+    p.add_argument("adapter_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the base model's dtype")
+    p.add_argument("--base", help="base model (default: the adapter config's base_model_name_or_path)")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.set_defaults(run=cmd_merge)
+
+    p = verbs.add_parser("generate", help="generate text with a model and adapters")
+    _generation_args(p)
+    p.add_argument("--prompt", help="raw text prompt")
+    p.add_argument("--messages", help="chat messages as JSON, or a file holding them")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    p.set_defaults(run=cmd_generate)
+
+    p = verbs.add_parser("chat", help="interactive chat (stdin; /exit or EOF ends)")
+    _generation_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(run=cmd_chat)
+
     p = verbs.add_parser("inspect", help="show what a saved adapter directory holds")
     p.add_argument("adapter_dir")
-    args = parser.parse_args(argv)
+    p.set_defaults(run=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = getattr(args, "config", None)
+    if config is not None and "=" in config and not os.path.exists(config):   # no config, only overrides
+        args.overrides, args.config = [config, *args.overrides], None
     try:
-        if args.verb == "inspect":
-            return inspect_adapter(args.adapter_dir)
-    except (ValueError, FileNotFoundError) as e:
+        return args.run(args)
+    except (LoraError, FileNotFoundError) as e:
         print(f"lorakit {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -146,6 +146,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     return model
 
 
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike, name: str = "default") -> None:
+    """Copy a saved adapter's tensors into the existing adapter `name` (e.g. to resume training);
+    keys and shapes must fit exactly."""
+    _copy_into(model, name, read_adapter_weights(path), Path(path) / WEIGHTS_NAME)
+
+
 def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
     expected = adapter_state_dict(model, name)
     # PEFT also saves the base weight of targeted embeddings (for resized vocabularies); those

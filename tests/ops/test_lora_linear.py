@@ -1,7 +1,7 @@
 """`lorakit.ops.lora_linear`: the fused, in-place LoRA term of a linear layer.
 
 Reference throughout is the plain composition `out + s * (dropout(x) @ A^T @ B^T + b)`, with the
-dropout mask taken from the module's own `_dropout` helper for the same seed.
+dropout mask taken from the module's own `_mask` helper for the same seed.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lorakit as lk
-from lorakit.ops.lora_linear import _dropout, _LoraLinear, lora_linear_
+from lorakit.ops.lora_linear import _LoraLinear, _mask, lora_linear_
 
 D_IN, D_OUT, R = 7, 5, 3
 S = 1.5
@@ -49,7 +49,7 @@ def grads(y, t, g):
 def mask_for(x, p, seed):
     """The mask (already divided by 1 - p) `_LoraLinear` draws for input `x` and `seed`."""
     x2 = x.detach().reshape(-1, x.shape[-1])
-    return _dropout(torch.ones_like(x2), p, seed).view(x.shape)
+    return _mask(x2.shape, x2.dtype, x2.device, p, seed).view(x.shape)
 
 
 # ---- forward and backward vs the plain composition ------------------------------------------------
@@ -142,9 +142,9 @@ def test_dropout_keeps_one_minus_p_and_rescales_survivors(p):
     assert abs(y.mean().item() - 1.0) < 0.03                     # inverted dropout is unbiased
 
 
-def test_dropout_helper_is_a_function_of_the_seed():
-    t = torch.ones(50, 40)
-    a, b, c = _dropout(t, 0.3, 5), _dropout(t, 0.3, 5), _dropout(t, 0.3, 6)
+def test_mask_helper_is_a_function_of_the_seed():
+    shape = torch.Size((50, 40))
+    a, b, c = (_mask(shape, torch.float32, torch.device("cpu"), 0.3, seed) for seed in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
 

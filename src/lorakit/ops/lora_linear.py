@@ -5,9 +5,11 @@
 Why a custom autograd function: the plain composition (`lora_B(lora_A(dropout(x)))`) keeps a
 dropout copy of every adapted layer's input for backward, and allocates a fresh output to add.
 Here backward keeps only what it needs:
-  - x itself, which the frozen base layer saves anyway (same storage, so no extra memory);
+  - x itself, for the gradient of A (a frozen base linear does not keep its input, so this is
+    the one activation the adapter costs; PEFT keeps the same tensor);
   - h = dropout(x) @ A^T, shape (N, r): tiny;
-  - the dropout mask as a seed: backward regenerates it instead of storing it.
+  - the dropout mask as a seed: backward regenerates it once, for both grad_A and grad_x,
+    instead of storing a dropout copy of x.
 The seed is drawn from torch's global CPU generator, so a seeded run is reproducible and
 activation checkpointing (which restores the RNG state on recompute) sees the same mask.
 
@@ -22,14 +24,16 @@ import torch
 from torch import Tensor
 
 
-def _dropout(t: Tensor, p: float, seed: int) -> Tensor:
-    """Inverted dropout with a mask drawn from `seed`: the same seed gives the same mask."""
-    gen = torch.Generator(device=t.device)
+def _mask(shape: torch.Size, dtype: torch.dtype, device: torch.device, p: float,
+          seed: int) -> Tensor:
+    """The inverted-dropout multiplier (0 or 1/(1-p)) drawn from `seed`: same seed, same mask.
+
+    Built from `rand >= p` into a fresh contiguous buffer, so it never depends on the strides of
+    the tensor it is applied to; `rand` is about twice as fast as `bernoulli_` on CPU.
+    """
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    # a fresh contiguous buffer: the mask must not depend on t's strides (bernoulli_ fills in
-    # memory order), or backward's mask would differ from forward's for a transposed input
-    mask = torch.empty(t.shape, dtype=t.dtype, device=t.device).bernoulli_(1.0 - p, generator=gen)
-    return t * mask.div_(1.0 - p)
+    return torch.rand(shape, generator=gen, dtype=dtype, device=device).ge_(p).div_(1.0 - p)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -38,7 +42,7 @@ class _LoraLinear(torch.autograd.Function):
                 scaling: float, p: float, seed: int) -> Tensor:
         dtype = out.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)                # (N, d_in)
-        xd = _dropout(x2, p, seed) if p > 0 else x2
+        xd = x2 * _mask(x2.shape, dtype, x2.device, p, seed) if p > 0 else x2
         h = xd @ A.to(dtype).t()                                  # (N, r)
         out2 = out.view(-1, out.shape[-1])                        # (N, d_out)
         out2.addmm_(h, B.to(dtype).t(), alpha=scaling)
@@ -63,14 +67,15 @@ class _LoraLinear(torch.autograd.Function):
             grad_bias = (g.sum(0) * s).to(B.dtype)                 # (d_out,)
         if need_x or need_A:
             gh = (g @ B.to(dtype)).mul_(s)                         # (N, r)
+            mask = _mask(gh.shape[:1] + A.shape[1:], dtype, gh.device, p, seed) if p > 0 else None
             if need_A:
                 x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-                xd = _dropout(x2, p, seed) if p > 0 else x2
+                xd = x2 * mask if mask is not None else x2         # (N, d_in)
                 grad_A = (gh.t() @ xd).to(A.dtype)                 # (r, d_in)
             if need_x:
                 gx = gh @ A.to(dtype)                              # (N, d_in)
-                if p > 0:
-                    gx = _dropout(gx, p, seed)                     # d dropout(x)/dx = mask / (1 - p)
+                if mask is not None:
+                    gx.mul_(mask)                                  # d dropout(x)/dx = mask
                 grad_x = gx.view(x.shape).to(x.dtype)
         return grad_out, grad_x, grad_A, grad_B, grad_bias, None, None, None
 

@@ -1,0 +1,55 @@
+"""`lorakit merge`: a base model with an adapter folded in, written as a plain Hugging Face model
+directory (config, sharded safetensors, tokenizer, generation config) that
+`AutoModelForCausalLM.from_pretrained` loads with no lorakit installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import LoraError
+from .inject import unload
+from .io import load_adapter, read_adapter_config
+from .train.model_io import load_model, load_tokenizer
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def merge_to_model_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
+                       base: str | None = None, max_shard_size: str | int = "2GB") -> Path:
+    """Merge the adapter in `adapter_dir` into its base (from the adapter config, or `base`) in
+    fp32, cast to `dtype` (default: the base's own), and write `out_dir` atomically."""
+    config = read_adapter_config(adapter_dir)
+    base = base or config.base_model_name_or_path
+    if not base:
+        raise LoraError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base MODEL")
+    if dtype is not None and dtype not in _DTYPES:
+        raise LoraError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise LoraError(f"{out} exists and is not empty; remove it or choose another --out")
+    model = load_model(base, dtype="fp32", device="cpu")
+    original_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else None
+    load_adapter(model, adapter_dir)
+    model = unload(model, merge=True)
+    target_dtype = _DTYPES[dtype] if dtype else (original_dtype or torch.float32)
+    model.to(target_dtype)
+    has_tokenizer = any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

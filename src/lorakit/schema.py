@@ -1,0 +1,192 @@
+"""Typed dataclasses as the one schema for configuration files: build them from YAML mappings,
+apply `key.sub=value` overrides, and print their reference (for `--help` and the README).
+
+Each field's documentation is the string literal under it in the class body (an attribute
+docstring), read from the source once, so the docs live next to the defaults and cannot drift.
+Unknown keys are errors that suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its attribute docstring} for a dataclass."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _nested(tp: Any) -> type | None:
+    """The dataclass a field holds, if it holds one."""
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, recursing into nested dataclass fields. Unknown keys
+    are errors naming the closest valid key."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__} ({data!r})")
+    names = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            path = f"{where}.{key}" if where else key
+            close = difflib.get_close_matches(str(key), list(names), n=1)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else \
+                f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {path!r}{hint}")
+        path = f"{where}.{key}" if where else key
+        sub = _nested(hints[key])
+        kwargs[key] = from_dict(sub, value, path) if sub else _coerce(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Fit a YAML value to a field's type where YAML is ambiguous (`2e-4` is a string in YAML
+    1.1; an int is a fine float); anything else that does not fit is an error naming the key."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+    else:
+        options = [tp]
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is str and isinstance(value, str):
+            return value
+        if base is list and isinstance(value, list):
+            return value
+        if base is dict and isinstance(value, dict):
+            return value
+        if base is Any or base is typing.Literal:
+            return value
+    if any(o is Any for o in options):
+        return value
+    raise ConfigError(f"{path} must be {_type_name(tp)}, got {value!r}")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to a nested mapping; values are parsed as YAML scalars
+    (`lr=1e-4`, `packing=true`, `target_modules=[q_proj,v_proj]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return str(tp).replace("typing.", "")
+
+
+def reference(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf field, nested sections flattened as `a.b`. Defaults
+    are read from a default instance, so a section whose default differs from its class's own
+    defaults (the train config's `lora`) shows the values that actually apply."""
+    defaults = cls() if defaults is None else defaults
+    rows = []
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = prefix + f.name
+        value = getattr(defaults, f.name)
+        sub = _nested(hints[f.name])
+        if sub:
+            rows.extend(reference(sub, key + ".", value))
+            continue
+        rows.append((key, _type_name(hints[f.name]), repr(value), docs.get(f.name, "")))
+    return rows
+
+
+def reference_markdown(cls: type) -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, doc in reference(cls):
+        lines.append(f"| `{key}` | {tp.replace('|', '&#124;')} | `{default}` | {doc} |")
+    return "\n".join(lines)
+
+
+def reference_text(cls: type) -> str:
+    return "\n".join(f"  {key} ({tp}, default {default})\n      {doc}" for key, tp, default, doc in reference(cls))

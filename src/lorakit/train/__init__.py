@@ -1,0 +1,1 @@
+"""Training: the `lorakit train` job (config, data, loop, checkpoints)."""

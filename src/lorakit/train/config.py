@@ -1,0 +1,186 @@
+"""The `lorakit train` configuration: one typed dataclass per YAML section.
+
+    model:     which base model and how to load it
+    lora:      the adapter (every `lorakit.LoraConfig` field)
+    data:      files, format, template, masking, truncation, packing
+    training:  optimiser, schedule, batch, precision, evaluation, checkpoints, resume
+    output:    where the run is written and what is exported
+
+Validated once here, at the edge; the rest of the code trusts these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..builtin.model import BUILTIN_MODEL
+from ..builtin.tasks import BUILTIN_DATA
+from ..config import LoraConfig
+from ..errors import ConfigError
+from ..schema import apply_overrides, from_dict, load_yaml
+
+DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("constant", "linear", "cosine")
+STRATEGIES = ("single", "ddp", "fsdp")
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = BUILTIN_MODEL
+    """Hub id or local directory of a causal LM; "lorakit/tiny-llama" is the built-in offline model."""
+    dtype: str = "auto"
+    """Weight dtype: auto (bf16 where supported on GPU, else fp32), fp32, bf16, fp16."""
+    device: str = "auto"
+    """cuda, cpu, cuda:1, ... or auto (cuda if available)."""
+    attn_implementation: str = "sdpa"
+    """transformers attention implementation: sdpa, eager, flash_attention_2."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository (only for models you trust)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.name_or_path:
+            raise ConfigError("model.name_or_path is empty; give a hub id or a local model directory")
+
+
+@dataclass
+class DataSection:
+    train: str | list[str] = BUILTIN_DATA
+    """Training data: .jsonl/.json/.csv file(s), a `datasets` name, or "lorakit/tiny-tasks" (built in)."""
+    eval: str | list[str] | None = None
+    """Evaluation data in the same forms; None holds out `eval_fraction` of the training data."""
+    eval_fraction: float = 0.0
+    """Share of the training data held out for evaluation when `eval` is None."""
+    format: str = "auto"
+    """auto, alpaca, chat, sharegpt, prompt_completion or text."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Rename columns to the format's names, e.g. {question: instruction, answer: output}."""
+    chat_template: str | None = None
+    """Jinja chat template for tokenizers without one (or to replace theirs)."""
+    system_prompt: str | None = None
+    """A system message put before every conversation that has none."""
+    train_on_inputs: bool = False
+    """Train on prompts too; by default only assistant turns (with their end-of-turn token) count."""
+    max_seq_len: int = 512
+    """Longer samples are truncated (the count is reported)."""
+    packing: bool = False
+    """Pack several samples per row, with no attention across samples and positions restarting."""
+    max_samples: int | None = None
+    """Use at most this many training samples (after shuffling with the seed)."""
+
+    def __post_init__(self) -> None:
+        if self.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"data.max_seq_len must be >= 2, got {self.max_seq_len!r}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"data.max_samples must be >= 1 or null, got {self.max_samples!r}")
+
+
+@dataclass
+class TrainingSection:
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides epochs."""
+    micro_batch_size: int = 4
+    """Rows per forward pass (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is normalised by trained tokens across them."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    lora_plus_ratio: float | None = None
+    """LoRA+: B matrices learn this many times faster than A (e.g. 16); None for plain LoRA."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: constant, linear or cosine (to zero)."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to lr."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this; None disables clipping."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and dropout."""
+    bf16: str = "auto"
+    """bf16 autocast: auto (on a GPU that supports it), true or false."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder layers in backward to save activation memory."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps (0: only at the start and the end)."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints to keep (older ones are deleted)."""
+    log_every: int = 1
+    """Write a metrics row every N optimizer steps."""
+    resume: str | None = None
+    """Continue from a checkpoint: "auto" (the newest in the output dir) or a checkpoint path."""
+    strategy: str = "single"
+    """single, ddp or fsdp (FSDP2: the frozen base is sharded); ddp/fsdp need torchrun or --nproc."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs > 0, "training.epochs must be > 0"),
+            (self.max_steps is None or self.max_steps >= 1, "training.max_steps must be >= 1 or null"),
+            (self.micro_batch_size >= 1, "training.micro_batch_size must be >= 1"),
+            (self.grad_accum >= 1, "training.grad_accum must be >= 1"),
+            (self.lr > 0, "training.lr must be > 0"),
+            (self.lora_plus_ratio is None or self.lora_plus_ratio > 0, "training.lora_plus_ratio must be > 0 or null"),
+            (self.schedule in SCHEDULES, f"training.schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.warmup_steps >= 0, "training.warmup_steps must be >= 0"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "training.max_grad_norm must be > 0 or null"),
+            (str(self.bf16).lower() in ("auto", "true", "false"), "training.bf16 must be auto, true or false"),
+            (self.eval_every >= 0 and self.save_every >= 0 and self.log_every >= 1,
+             "training.eval_every and save_every must be >= 0, log_every >= 1"),
+            (self.keep_last >= 1, "training.keep_last must be >= 1"),
+            (self.strategy in STRATEGIES, f"training.strategy must be one of {', '.join(STRATEGIES)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        self.bf16 = str(self.bf16).lower()
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/quickstart"
+    """The run directory: adapter, checkpoints, metrics, plot, resolved config, model card."""
+    tensorboard: bool = True
+    """Also log to TensorBoard (when the tensorboard package is installed)."""
+    merged_model: bool = False
+    """Also write the base with the adapter merged in, as a Hugging Face model directory (merged/)."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    """Which base model and how to load it."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    """The adapter: every lorakit.LoraConfig (PEFT) field."""
+    data: DataSection = field(default_factory=DataSection)
+    """Training and evaluation data."""
+    training: TrainingSection = field(default_factory=TrainingSection)
+    """The optimisation loop."""
+    output: OutputSection = field(default_factory=OutputSection)
+    """What is written where."""
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (None: all defaults), apply `key.sub=value` overrides, validate."""
+    data: dict[str, Any] = load_yaml(path) if path else {}
+    lora = data.get("lora")
+    if lora is None or isinstance(lora, dict):
+        # the lora section starts from the train defaults, not LoraConfig's bare ones
+        data["lora"] = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", **(lora or {})}
+    apply_overrides(data, overrides or [])
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None

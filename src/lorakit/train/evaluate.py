@@ -1,0 +1,98 @@
+"""Evaluation: loss and perplexity over trained tokens, and exact match of greedy generations
+against the reference answers (the held-out task metric)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import Example, collate
+from .loss import loss_sum
+from .metrics import perplexity
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    """Mean cross-entropy per trained token."""
+    ppl: float
+    """exp(loss)."""
+    exact_match: float | None
+    """Share of references reproduced exactly by greedy decoding (None if no example has one)."""
+    n_examples: int
+    samples: list[tuple[str, str, str]]
+    """(prompt, reference, generation) for a few examples spread evenly over the eval set."""
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, examples: list[Example], batch_size: int, device: torch.device,
+             max_generate: int = 256, n_samples: int = 4) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], tokenizer.pad_token_id).items()}
+        s, n = loss_sum(model, batch)
+        total += s.double().cpu()
+        count += int(n)
+    loss = (total / max(count, 1)).item()
+    with_ref = [e for e in examples if e.prompt_ids is not None and e.reference is not None][:max_generate]
+    hits, samples = 0, []
+    # evenly spaced, so a dataset grouped by task shows one sample per task
+    shown = {k * len(with_ref) // n_samples for k in range(n_samples)}
+    for i in range(0, len(with_ref), batch_size):
+        chunk = with_ref[i:i + batch_size]
+        outputs = generate_greedy(model, tokenizer, [e.prompt_ids for e in chunk], device,
+                                  max_new_tokens=max(len(tokenizer(e.reference, add_special_tokens=False).input_ids)
+                                                     for e in chunk) + 8)
+        for j, (e, out) in enumerate(zip(chunk, outputs, strict=True)):
+            hits += out.strip() == e.reference.strip()
+            if i + j in shown:
+                samples.append((tokenizer.decode(e.prompt_ids, skip_special_tokens=False), e.reference, out))
+    model.train(was_training)
+    return EvalResult(loss=loss, ppl=perplexity(loss), exact_match=hits / len(with_ref) if with_ref else None,
+                      n_examples=len(examples), samples=samples)
+
+
+def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], device: torch.device,
+                    max_new_tokens: int) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding; special tokens dropped."""
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
+
+
+def run_eval(config: str | None, overrides: list[str], data: str | None = None, model: str | None = None,
+             adapters: list[str] | None = None, batch_size: int = 8) -> EvalResult:
+    """`lorakit eval`: the config's model with its trained adapter (output.dir) or the given ones,
+    on the config's evaluation data or on `data`."""
+    from pathlib import Path
+
+    from ..errors import LoraError
+    from ..generate import load_for_inference
+    from .config import load_config
+    from .data import build_datasets
+
+    cfg = load_config(config, overrides)
+    if adapters is None and (Path(cfg.output.dir) / "adapter_config.json").is_file():
+        adapters = [cfg.output.dir]
+    net, tokenizer = load_for_inference(model or cfg.model.name_or_path, adapters or [], cfg.model.dtype,
+                                        cfg.model.device)
+    if data is not None:
+        section = dataclasses.replace(cfg.data, train=data, eval=None, eval_fraction=0.0, max_samples=None)
+        examples, _, _ = build_datasets(section, tokenizer, cfg.training.seed)
+    else:
+        _, examples, _ = build_datasets(cfg.data, tokenizer, cfg.training.seed)
+    if not examples:
+        raise LoraError("no evaluation data: set data.eval or data.eval_fraction in the config, or pass --data FILE")
+    return evaluate(net, tokenizer, examples, batch_size, net.device)

@@ -1,0 +1,92 @@
+"""Run metrics: a CSV row per logged step (the record a resumed run continues), TensorBoard when
+installed, and a loss-curve PNG at the end."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "trained_tokens", "tokens_per_s", "elapsed_s",
+           "eval_loss", "eval_ppl", "eval_exact_match"]
+
+
+class MetricsLog:
+    """Appends rows to `metrics.csv`. Opening it for a resumed run first drops rows beyond the
+    checkpoint's step, which the interrupted run may have logged before it died."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
+        self.path = out_dir / "metrics.csv"
+        rows = self.read(self.path) if resume_step is not None and self.path.is_file() else []
+        rows = [r for r in rows if int(r["step"]) <= (resume_step or 0)]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self._file = self.path.open("a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._tb = _tensorboard_writer(out_dir / "tensorboard") if tensorboard else None
+
+    def log(self, row: dict[str, float | int | None]) -> None:
+        self._writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None:
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, str]]:
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+
+def _fmt(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)   # full precision: resumed and uninterrupted runs compare exactly
+    return value
+
+
+def _tensorboard_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:   # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(path))
+
+
+def plot_losses(metrics_csv: Path, out_png: Path) -> None:
+    """Train loss (and eval loss where measured) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = MetricsLog.read(metrics_csv)
+    train = [(int(r["step"]), float(r["loss"])) for r in rows if r["loss"]]
+    evals = [(int(r["step"]), float(r["eval_loss"])) for r in rows if r["eval_loss"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_png)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")

@@ -1,0 +1,60 @@
+"""Load the base model and tokenizer for training and inference: hub id, local directory, or
+the built-in tiny model, all through `from_pretrained`."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..builtin.model import BUILTIN_MODEL, builtin_model_dir
+from ..errors import ConfigError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The built-in id becomes its cached directory; anything else is passed to from_pretrained."""
+    return str(builtin_model_dir()) if name_or_path == BUILTIN_MODEL else name_or_path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"model.device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), revision=revision,
+                                              trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:   # batching needs a pad id; it is never trained on
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa",
+               revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM on its device, in eval mode."""
+    path = resolve_model_path(name_or_path)
+    dev = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype, dev), attn_implementation=attn_implementation, revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r}: it is not a local model directory and the hub did not "
+            f"provide it ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    return model.to(dev).eval()

@@ -1,0 +1,190 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import lorakit as lk
+from lorakit.cli import main as cli_main
+from lorakit.train.config import load_config
+from lorakit.train.loop import TrainingDiverged, _optimizer, train
+
+
+def run(overrides):
+    return train(load_config(None, overrides))
+
+
+def adapter_tensors(path):
+    return load_file(Path(path) / "adapter_model.safetensors")
+
+
+def logged_losses(path):
+    with open(Path(path) / "metrics.csv") as f:
+        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f) if r["loss"]]
+
+
+def test_run_directory_is_a_complete_artifact(base_overrides, tmp_path, model_dir):
+    summary = run(base_overrides)
+    out = tmp_path / "run"
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "config.yaml", "metrics.csv", "loss.png", "README.md", "checkpoints"} <= names
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000006"]
+    assert [s for s, _ in logged_losses(out)] == [1, 2, 3, 4, 5, 6]
+    assert summary.eval_before is not None and summary.eval_after.loss < summary.eval_before.loss
+    assert lk.read_adapter_config(out).base_model_name_or_path == str(model_dir)
+    # the adapter loads in PEFT onto the base and gives lorakit's logits
+    peft = pytest.importorskip("peft")
+    ids = torch.tensor([[5, 80, 90, 100, 110]])
+    mine = lk.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out).eval()
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out)).eval()
+    torch.testing.assert_close(mine(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_loss_is_normalised_by_trained_tokens_across_accumulation(base_overrides, tmp_path):
+    """Rows have different answer lengths: a mean of per-micro-batch means would weigh tokens
+    differently, so equal adapters show the per-token normalisation."""
+    one = run(base_overrides + ["training.micro_batch_size=4", "training.grad_accum=1",
+                                f"output.dir={tmp_path / 'a'}"])
+    two = run(base_overrides + ["training.micro_batch_size=1", "training.grad_accum=4",
+                                f"output.dir={tmp_path / 'b'}"])
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    for k in a:   # Adam divides by the gradient's scale, so float rounding shows at ~1e-6
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    assert one.losses == pytest.approx(two.losses, rel=1e-5)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(base_overrides, tmp_path):
+    run(base_overrides + [f"output.dir={tmp_path / 'a'}"])
+    run(base_overrides + ["training.gradient_checkpointing=true", f"output.dir={tmp_path / 'b'}"])
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_after_sigkill_is_exact(base_overrides, tmp_path):
+    """Kill a run with SIGKILL mid-training, resume it: same adapter and same logged losses as an
+    uninterrupted run (with dropout on, so the RNG state must be restored too)."""
+    common = [o for o in base_overrides if not o.startswith(("output.dir", "training.max_steps"))] + [
+        "training.max_steps=40", "training.save_every=5", "training.keep_last=3", "lora.lora_dropout=0.1",
+        "training.schedule=cosine", "training.warmup_steps=3"]
+    run(common + [f"output.dir={tmp_path / 'full'}"])
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", *common, f"output.dir={killed}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoints" / "step-00000010").is_dir():
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed; raise max_steps"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [s for s, _ in logged_losses(killed)]
+    assert 10 <= max(done) < 40
+    run(common + [f"output.dir={killed}", "training.resume=auto"])
+    assert logged_losses(killed) == logged_losses(tmp_path / "full")
+    a, b = adapter_tensors(tmp_path / "full"), adapter_tensors(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+    assert len(list((killed / "checkpoints").iterdir())) == 3     # keep_last
+
+
+def test_resume_with_other_settings_is_refused(base_overrides, tmp_path):
+    run(base_overrides)
+    with pytest.raises(lk.LoraError, match=r"cannot resume from .*step-00000006: lora differ"):
+        run(base_overrides + ["lora.r=8", "training.resume=auto"])
+
+
+def test_resume_from_missing_checkpoint(base_overrides, tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume checkpoint .*nowhere not found"):
+        run(base_overrides + [f"training.resume={tmp_path / 'nowhere'}"])
+
+
+def test_nan_loss_stops_with_a_checkpoint(base_overrides, tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan at step \d+; stopped with the last good state "
+                                               r"saved in .*checkpoints/step-\d+"):
+        run(base_overrides + ["training.lr=1e30", "training.max_grad_norm=null", "training.max_steps=20"])
+    assert list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_lora_plus_gives_b_its_own_learning_rate(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    opt = _optimizer(model, 1e-3, 0.0, 16.0, torch.device("cpu"))
+    scales = sorted(g["lr_scale"] for g in opt.param_groups)
+    assert scales == [1.0, 16.0]
+    b_group = next(g for g in opt.param_groups if g["lr_scale"] == 16.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(".lora_B." in names[id(p)] for p in b_group["params"])
+
+
+def test_packing_trains(base_overrides, tmp_path):
+    summary = run(base_overrides + ["data.packing=true"])
+    assert summary.eval_after.loss < summary.eval_before.loss
+
+
+# ---- the other verbs on a trained run ----------------------------------------------------------
+
+
+@pytest.fixture
+def trained(base_overrides, tmp_path):
+    run(base_overrides + ["training.max_steps=30"])
+    return tmp_path / "run"
+
+
+def test_merge_writes_a_plain_sharded_model(trained, tmp_path, model_dir):
+    out = tmp_path / "merged"
+    assert cli_main(["merge", str(trained), "--out", str(out), "--max-shard-size", "100KB"]) == 0
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    ids = torch.tensor([[5, 80, 90, 100, 110]])
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with_adapter = lk.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), trained).eval()
+    torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-5, rtol=0)
+    assert cli_main(["merge", str(trained), "--out", str(out)]) == 2     # refuses to overwrite
+
+
+def test_generate_greedy_and_streaming(trained, capsys):
+    args = ["generate", "--adapter", str(trained), "--messages", '[{"role": "user", "content": "echo navy"}]',
+            "--max-new-tokens", "8"]
+    assert cli_main(args + ["--no-stream"]) == 0
+    plain = capsys.readouterr().out
+    assert cli_main(args) == 0
+    streamed = capsys.readouterr().out
+    assert plain.strip() == streamed.strip() and plain.strip()
+
+
+def test_generate_bad_messages(trained, capsys):
+    assert cli_main(["generate", "--adapter", str(trained), "--messages", "[{oops"]) == 2
+    assert "--messages is not valid JSON" in capsys.readouterr().err
+
+
+def test_chat_reads_turns_until_eof(trained, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("echo teal\necho navy\n"))
+    assert cli_main(["chat", "--adapter", str(trained), "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.count("> ") == 3
+
+
+def test_eval_verb(trained, base_overrides, capsys):
+    assert cli_main(["eval", *base_overrides]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("eval_loss=") and "exact_match=" in out and "examples=4" in out
+
+
+def test_train_help_lists_the_config_reference(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "training.lr (float, default 0.0002)" in out and "lora.r (int, default 16)" in out
