@@ -188,3 +188,30 @@ def test_train_help_lists_the_config_reference(capsys):
         cli_main(["train", "--help"])
     out = capsys.readouterr().out
     assert "training.lr (float, default 0.0002)" in out and "lora.r (int, default 16)" in out
+
+
+def test_metrics_rows_eval_every_and_summary(base_overrides, tmp_path, capsys):
+    """Eval at the start, every N steps and at the end; the lr column is the schedule's pure function;
+    the summary reports throughput and peak memory."""
+    from lorakit.train.metrics import MetricsLog
+    from lorakit.train.schedule import lr_at
+
+    summary = run(base_overrides + ["training.eval_every=2", "training.schedule=cosine", "training.warmup_steps=2"])
+    rows = MetricsLog.read(tmp_path / "run" / "metrics.csv")
+    assert [int(r["step"]) for r in rows if r["eval_loss"]] == [0, 2, 4, 6]
+    train_rows = [r for r in rows if r["loss"]]
+    assert [float(r["lr"]) for r in train_rows] == [lr_at(s, 6, 1e-2, 2, "cosine") for s in range(6)]
+    assert all(float(r["tokens_per_s"]) > 0 and int(r["trained_tokens"]) > 0 for r in train_rows)
+    assert summary.peak_memory_bytes > 0 and summary.tokens_per_s > 0
+    out = capsys.readouterr().out
+    assert "step 2: eval loss" in out and "step 4: eval loss" in out
+    assert f"{summary.tokens_per_s:,.0f} tokens/s, peak memory {summary.peak_memory_bytes / 2**20:,.0f} MiB" in out
+
+
+def test_same_seed_same_adapter_other_seed_other_adapter(base_overrides, tmp_path):
+    run(base_overrides + [f"output.dir={tmp_path / 'a'}", "lora.lora_dropout=0.1"])
+    run(base_overrides + [f"output.dir={tmp_path / 'b'}", "lora.lora_dropout=0.1"])
+    run(base_overrides + [f"output.dir={tmp_path / 'c'}", "lora.lora_dropout=0.1", "training.seed=1"])
+    a, b, c = (adapter_tensors(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

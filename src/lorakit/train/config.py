@@ -108,7 +108,7 @@ class TrainingSection:
     """Clip the gradient norm to this; None disables clipping."""
     seed: int = 0
     """Seed for initialisation, shuffling and dropout."""
-    bf16: str = "auto"
+    bf16: bool | str = "auto"
     """bf16 autocast: auto (on a GPU that supports it), true or false."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in backward to save activation memory."""
