@@ -25,6 +25,8 @@ test-all: setup
 
 bench: setup
 	$(PY) bench/bench_step.py
+	$(PY) bench/bench_per_sample.py
+	$(PY) bench/bench_routing.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench examples

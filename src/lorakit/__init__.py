@@ -7,6 +7,18 @@
     lk.save_adapter(model, "out/")          # adapter_config.json + adapter_model.safetensors
 """
 
+from .compose.combine import combine_adapters
+from .compose.fusion import FusionConfig, add_fusion
+from .compose.mixture import (
+    MixtureConfig,
+    add_mixture,
+    load_mixture,
+    mixture_aux_loss,
+    remove_mixture,
+    save_mixture,
+)
+from .compose.per_sample import per_sample_adapters
+from .compose.router import FitResult, Router
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterStateError, ConfigError, LoraError, TargetModulesError
 from .inject import (
@@ -50,4 +62,16 @@ __all__ = [
     "unload",
     "trainable_parameters",
     "trainable_summary",
+    "combine_adapters",
+    "per_sample_adapters",
+    "Router",
+    "FitResult",
+    "MixtureConfig",
+    "add_mixture",
+    "FusionConfig",
+    "add_fusion",
+    "mixture_aux_loss",
+    "remove_mixture",
+    "save_mixture",
+    "load_mixture",
 ]

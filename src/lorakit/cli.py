@@ -4,9 +4,11 @@
     preview-data CONFIG.yaml [key=value ...]            samples as tokens, trained span marked
     eval CONFIG.yaml | --data FILE --model M            loss, perplexity, exact match
     merge ADAPTER_DIR --out DIR [--dtype]               base + adapter as a plain HF model directory
+    combine DIR DIR ... --weights W W ... --method M --out DIR   several adapters as one adapter
     generate --prompt TEXT | --messages JSON            text from a model with adapters or merged
     chat                                                interactive chat
     inspect ADAPTER_DIR                                 what a saved adapter holds
+    plan CONFIG.yaml [key=value ...] | --model M        parameters, adapter size, memory, hyperparameters
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import subprocess
 import sys
 
 from . import __version__
+from .compose.combine import METHODS
 from .errors import LoraError
 
 
@@ -59,6 +62,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = merge_to_model_dir(args.adapter_dir, args.out, dtype=args.dtype, base=args.base,
                              max_shard_size=args.max_shard_size)
     print(f"merged model written to {out}/")
+    return 0
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    from .compose.combine import combine_dirs
+
+    out = combine_dirs(args.adapter_dirs, args.out, args.weights, args.method, base=args.base, density=args.density,
+                       majority_sign=args.majority_sign, svd_rank=args.svd_rank, seed=args.seed)
+    print(f"combined adapter ({args.method}) written to {out}/")
     return 0
 
 
@@ -109,6 +121,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import make_plan, parse_size, render_json, render_text
+    from .train.config import load_config
+
+    plan = make_plan(load_config(args.config, args.overrides), model=args.model,
+                     memory=parse_size(args.memory) if args.memory else None, examples=args.examples, task=args.task,
+                     new_tokens=args.new_tokens, device=args.device)
+    print(render_json(plan) if args.json else render_text(plan))
+    return 0
+
+
 def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory or hub id (default: the first adapter's base)")
     p.add_argument("--adapter", action="append", default=[], help="adapter directory; repeat to sum several")
@@ -121,6 +144,7 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .plan.suggest import TASK_RANKS
     from .schema import reference_text
     from .train.config import TrainConfig
 
@@ -160,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB")
     p.set_defaults(run=cmd_merge)
 
+    p = verbs.add_parser("combine", help="combine several adapters into one (linear, cat, svd, ties, dare, ...)")
+    p.add_argument("adapter_dirs", nargs="+", help="adapter directories (PEFT format)")
+    p.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per adapter")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--density", type=float, help="fraction of entries kept (ties, dare, magnitude_prune)")
+    p.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="TIES sign election")
+    p.add_argument("--svd-rank", type=int, help="rank of the *svd results (default: the largest input rank)")
+    p.add_argument("--seed", type=int, help="seed of the DARE masks")
+    p.add_argument("--base", help="base model (default: the first adapter config's base_model_name_or_path)")
+    p.add_argument("--out", required=True, help="output adapter directory (must be new or empty)")
+    p.set_defaults(run=cmd_combine)
+
     p = verbs.add_parser("generate", help="generate text with a model and adapters")
     _generation_args(p)
     p.add_argument("--prompt", help="raw text prompt")
@@ -175,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("inspect", help="show what a saved adapter directory holds")
     p.add_argument("adapter_dir")
     p.set_defaults(run=cmd_inspect)
+
+    p = verbs.add_parser("plan", help="trainable parameters, adapter size, peak memory and starting hyperparameters "
+                                      "of a run, without loading weights")
+    p.add_argument("config", nargs="?", help="a train config (omit for the built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. lora.r=16 data.max_seq_len=4096")
+    p.add_argument("--model", help="model directory, its config.json, or a hub id (instead of model.name_or_path)")
+    p.add_argument("--memory", help="memory to fit, e.g. 24GB (binary units, as GPUs are sold)")
+    p.add_argument("--examples", type=int, help="training examples (default: counted from the config's data files)")
+    p.add_argument("--task", choices=list(TASK_RANKS), help="what the adapter should learn, for the rank suggestion")
+    p.add_argument("--new-tokens", type=int, default=0, help="tokens you add to the vocabulary")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="plan for (default: cuda unless model.device is cpu)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_plan)
     return parser
 
 

@@ -11,6 +11,10 @@ Several adapters: `default` at the root, every other one in `<dir>/<name>/`.
 Loading is strict where PEFT is lenient: a missing or unexpected key, or a shape that does not fit,
 is an error naming the module and both shapes, and nothing stays half-loaded. Nothing is ever
 unpickled; files are written to a temporary name and renamed into place.
+
+A model sharded by FSDP2 holds its parameters as DTensors, each process one shard. Saving gathers
+the whole tensors (a collective: every process calls `full_adapter_state_dict`, one writes them
+with `write_adapter`); loading gives each process its shard of the whole tensor read from the file.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import LoraConfig
 from .errors import AdapterFileError, LoraError
@@ -74,13 +79,43 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | list[str
 
 
 def _save_one(model: nn.Module, name: str, directory: Path) -> None:
+    write_adapter(directory, full_adapter_state_dict(model, name), get_state(model).configs[name])
+
+
+def full_adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Whole CPU copies of adapter `name`'s tensors under PEFT's file keys, ready to write. On a
+    model sharded by FSDP2 this is a collective: every process must call it, in the same order."""
+    return {k: gather_full(v) for k, v in adapter_state_dict(model, name).items()}
+
+
+def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: LoraConfig) -> None:
+    """Write an adapter directory from whole tensors (`full_adapter_state_dict`) and its config."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()}
-    config = get_state(model).configs[name].to_peft_dict()
-    config["inference_mode"] = True
+    peft = config.to_peft_dict()
+    peft["inference_mode"] = True
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(peft, indent=2, sort_keys=True) + "\n"
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def gather_full(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached, contiguous CPU copy of the whole tensor. A DTensor (an FSDP2 shard) is
+    all-gathered first, which every process of its mesh must do at the same point."""
+    tensor = tensor.detach()
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.to("cpu").contiguous().clone()
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` on `like`'s device and dtype, and, when `like` is a DTensor, cut into this process's
+    shard by `like`'s mesh and placements. Every process holds the same `full` (read from the same
+    file), so each keeps its own piece and nothing is sent (`src_data_rank=None`)."""
+    full = full.to(device=like.device, dtype=like.dtype)
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    return full
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -179,7 +214,7 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = expected.get(key, extra.get(key))
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            target.copy_(shard_like(tensor, target))
 
 
 def _embedding_base_weights(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -190,6 +225,3 @@ def _embedding_base_weights(model: nn.Module, name: str) -> dict[str, torch.Tens
 
 def _few(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "")
-
-
-

@@ -82,6 +82,9 @@ class LoraLayer(_Wrapper):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._dora_factor: dict[str, Tensor] = {}  # m / ||W + sBA|| at merge time, for unmerge
+        # `composer(layer, x, base_out) -> out` replaces the sum over active adapters while set:
+        # per-sample adapters, mixtures of experts and fusion (lorakit.compose) plug in here
+        self.composer = None
 
     # -- adapter management ---------------------------------------------------------------------
 
@@ -182,6 +185,9 @@ class LoraLayer(_Wrapper):
         if self.disabled:
             return []
         return [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+
+    def _composing(self) -> bool:
+        return self.composer is not None and not self.disabled
 
 
 class LoraLinear(LoraLayer):
@@ -306,6 +312,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self._composing():
+            return self.composer(self, x, result)
         names = self._terms_to_add()
         if not names:
             return result
@@ -385,6 +393,8 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self._composing():
+            return self.composer(self, x, result)
         base = self.base_layer
         for name in self._terms_to_add():
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
@@ -450,6 +460,8 @@ class LoraConv(LoraLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self._composing():
+            return self.composer(self, x, result)
         for name in self._terms_to_add():
             p = self.lora_dropout[name] if self.training else 0.0
             xd = F.dropout(x, p, training=True) if p > 0 else x

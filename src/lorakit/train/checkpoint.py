@@ -3,13 +3,19 @@
     <out>/checkpoints/step-00000050/
         adapter_config.json, adapter_model.safetensors   the adapter (PEFT format)
         optimizer.safetensors                             optimizer moments and the RNG states
-        trainer_state.json                                step, data position, param groups
+        trainer_state.json                                step, data position, processes, param groups
         config.yaml                                       the resolved run config
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a run killed
 at any moment leaves only complete checkpoints; the oldest beyond `keep_last` are deleted after.
 The learning-rate schedule is a pure function of the step and the data order a pure function of
 (seed, epoch), so step, position and RNG states are all the state there is. No pickle anywhere.
+
+With several processes every one of them calls `save_checkpoint` (FSDP2 shards are gathered into
+whole tensors, and each process's RNG states are collected) and only the main process writes. The
+files hold whole tensors, whatever the strategy; on loading, each process reads them and keeps its
+shard. Each process draws its own dropout masks, so its RNG states are kept under `rank<N>.` (rank
+0's under the plain names, as in a single-process run).
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import LoraError
-from ..io import load_adapter_weights, save_adapter
+from ..inject import get_state
+from ..io import full_adapter_state_dict, gather_full, load_adapter_weights, shard_like, write_adapter
+from .distributed import Dist
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 
@@ -44,6 +52,8 @@ class TrainerState:
     """Index of the next row within that epoch's order."""
     total_steps: int
     """The run's planned optimizer steps."""
+    world: int = 1
+    """Processes that trained it; the global batch, and so the run, depends on it."""
 
 
 def checkpoint_dir(out_dir: Path, step: int) -> Path:
@@ -58,17 +68,23 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
-                    config: dict[str, Any], keep_last: int, adapter_name: str = "default") -> Path:
+                    config: dict[str, Any], keep_last: int, adapter_name: str = "default",
+                    dist: Dist | None = None) -> Path:
+    """Write the checkpoint of `state.step` and return its directory. With several processes every
+    process must call this (it gathers); only the main one touches the disk."""
+    dist = dist or Dist()
     target = checkpoint_dir(out_dir, state.step)
+    adapter = full_adapter_state_dict(model, adapter_name)
+    tensors, groups = _optimizer_tensors(optimizer)
+    for key, value in _rng_states().items():
+        for rank, v in enumerate(dist.all_gather(value)):
+            tensors[_rng_key(rank, key)] = v
+    if not dist.is_main:
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        save_adapter(model, tmp, name=adapter_name)
-        tensors, groups = _optimizer_tensors(optimizer)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
+        write_adapter(tmp, adapter, get_state(model).configs[adapter_name])
         save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
         (tmp / "trainer_state.json").write_text(json.dumps({**state.__dict__, "param_groups": groups}, indent=2))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -88,9 +104,21 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     tensors = {}
     for index, per_param in sd["state"].items():
         for key, value in per_param.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"state.{index}.{key}"] = t.detach().to("cpu").contiguous().clone()
+            tensors[f"state.{index}.{key}"] = gather_full(value if torch.is_tensor(value) else torch.tensor(value))
     return tensors, sd["param_groups"]
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """This process's RNG states: the CPU generator and every visible GPU's."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda.{i}"] = s
+    return states
+
+
+def _rng_key(rank: int, key: str) -> str:
+    return f"rng.{key}" if rank == 0 else f"rank{rank}.rng.{key}"
 
 
 def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
@@ -106,9 +134,16 @@ def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    adapter_name: str = "default") -> TrainerState:
-    """Restore adapter weights, optimizer state and RNG states in place; return the trainer state."""
+                    adapter_name: str = "default", dist: Dist | None = None) -> TrainerState:
+    """Restore adapter weights, optimizer state and RNG states in place; return the trainer state.
+    With several processes each one calls this and keeps its shards and its own RNG states."""
+    dist = dist or Dist()
     meta = json.loads((path / "trainer_state.json").read_text())
+    saved_world = meta.get("world", 1)
+    if saved_world != dist.world:
+        raise LoraError(f"checkpoint {path} was written by a run of {saved_world} process(es) and this run has "
+                        f"{dist.world}; the global batch depends on it, so resume with --nproc {saved_world} "
+                        "or start a new output.dir")
     load_adapter_weights(model, path, adapter_name)
     tensors = load_file(path / "optimizer.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -121,11 +156,24 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:
         raise LoraError(f"checkpoint {path} does not fit this run's optimizer ({e}); was the config changed?") from None
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    _shard_optimizer_state(optimizer)
+    mine = _rng_key(dist.rank, "")
+    torch.set_rng_state(tensors[mine + "cpu"])
+    n_cuda = sum(k.startswith(mine + "cuda.") for k in tensors)
+    if n_cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"{mine}cuda.{i}"] for i in range(n_cuda)])
     return TrainerState(**meta)
+
+
+def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """The file holds whole moments; a parameter sharded by FSDP2 needs its moments sharded alike
+    (the scalar `step` stays as it is)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            per_param = optimizer.state.get(p, {})
+            for key, value in per_param.items():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    per_param[key] = shard_like(value, p)
 
 
 def read_checkpoint_config(path: Path) -> dict[str, Any]:

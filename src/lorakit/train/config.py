@@ -2,6 +2,7 @@
 
     model:     which base model and how to load it
     lora:      the adapter (every `lorakit.LoraConfig` field)
+    mixture:   instead of a new adapter, a mixture of experts or AdapterFusion over saved adapters
     data:      files, format, template, masking, truncation, packing
     training:  optimiser, schedule, batch, precision, evaluation, checkpoints, resume
     output:    where the run is written and what is exported
@@ -16,8 +17,12 @@ from typing import Any
 
 from ..builtin.model import BUILTIN_MODEL
 from ..builtin.tasks import BUILTIN_DATA
+from ..compose.fusion import FusionConfig
+from ..compose.mixture import KINDS as MIXTURE_KINDS
+from ..compose.mixture import MixtureConfig
 from ..config import LoraConfig
 from ..errors import ConfigError
+from ..inject import _NAME_RE as NAME_RE
 from ..schema import apply_overrides, from_dict, load_yaml
 
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text")
@@ -149,6 +154,53 @@ class TrainingSection:
 
 
 @dataclass
+class MixtureSection:
+    experts: dict[str, str] = field(default_factory=dict)
+    """Expert name -> saved adapter directory; when set, these are mixed instead of training `lora`."""
+    kind: str = "moe"
+    """moe (a gate mixes the experts per token) or fusion (AdapterFusion: attention over their outputs)."""
+    train_experts: bool = False
+    """moe: train the experts jointly with the gate; false trains the gate alone (fusion: always frozen)."""
+    balance_loss: float = 0.01
+    """moe: weight of the Switch load-balancing loss added to the training loss."""
+    z_loss: float = 0.0
+    """moe: weight of the router z-loss added to the training loss."""
+    moe: MixtureConfig = field(default_factory=MixtureConfig)
+    """The gate of every layer (kind moe)."""
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    """The fusion layer of every layer (kind fusion)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in MIXTURE_KINDS:
+            raise ConfigError(f"mixture.kind must be one of {', '.join(MIXTURE_KINDS)}, got {self.kind!r}")
+        bad = {k: v for k, v in self.experts.items() if not isinstance(v, str) or not v}
+        if bad:
+            raise ConfigError(f"mixture.experts maps expert names to adapter directories; {bad} is not a path")
+        names = [k for k in self.experts if not isinstance(k, str) or not NAME_RE.fullmatch(k)]
+        if names:
+            raise ConfigError(f"mixture.experts names {names} are not valid adapter names: use letters, digits, "
+                              "'_' and '-'")
+        for key in ("balance_loss", "z_loss"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"mixture.{key} must be >= 0, got {getattr(self, key)!r}")
+        moe_only = {"train_experts": False, "balance_loss": 0.01, "z_loss": 0.0}
+        tuned = (self.kind != "moe" or any(getattr(self, k) != v for k, v in moe_only.items())
+                 or self.moe != MixtureConfig() or self.fusion != FusionConfig())
+        if not self.experts and tuned:
+            raise ConfigError("mixture settings are given but mixture.experts is empty; name the saved adapters "
+                              "to mix, e.g. mixture.experts={a: runs/a, b: runs/b}")
+        if self.kind == "moe" and self.fusion != FusionConfig():
+            raise ConfigError("mixture.fusion is set but mixture.kind is moe; set mixture.kind=fusion or drop it")
+        if self.kind == "fusion":
+            set_for_moe = [k for k, default in moe_only.items() if getattr(self, k) != default]
+            if set_for_moe or self.moe != MixtureConfig():
+                what = ", ".join(f"mixture.{k}" for k in set_for_moe + (["moe"] if self.moe != MixtureConfig() else []))
+                raise ConfigError(f"{what}: for kind moe only, but mixture.kind is fusion")
+        if self.moe.top_k is not None and self.experts and self.moe.top_k > len(self.experts):
+            raise ConfigError(f"mixture.moe.top_k={self.moe.top_k} is more than the {len(self.experts)} experts")
+
+
+@dataclass
 class OutputSection:
     dir: str = "runs/quickstart"
     """The run directory: adapter, checkpoints, metrics, plot, resolved config, model card."""
@@ -164,12 +216,19 @@ class TrainConfig:
     """Which base model and how to load it."""
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     """The adapter: every lorakit.LoraConfig (PEFT) field."""
+    mixture: MixtureSection = field(default_factory=MixtureSection)
+    """A mixture of LoRA experts or AdapterFusion over saved adapters, trained instead of `lora`."""
     data: DataSection = field(default_factory=DataSection)
     """Training and evaluation data."""
     training: TrainingSection = field(default_factory=TrainingSection)
     """The optimisation loop."""
     output: OutputSection = field(default_factory=OutputSection)
     """What is written where."""
+
+    def __post_init__(self) -> None:
+        if self.mixture.experts and self.output.merged_model:
+            raise ConfigError("output.merged_model cannot be used with mixture.experts: a mixture picks adapters per "
+                              "token, so there is no single merged weight; set output.merged_model=false")
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:

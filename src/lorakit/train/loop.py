@@ -11,6 +11,12 @@
 Data order is a pure function of (seed, epoch): each epoch is a seeded permutation of the rows
 and the loop keeps (epoch, position) as the data state, so a resumed run sees exactly the rows
 the interrupted run would have seen.
+
+With N processes (torchrun; `training.strategy` ddp or fsdp) each global micro-batch is the
+micro-batch a single process with N x `micro_batch_size` rows would take, cut into N slices, one
+per process; gradients are averaged over processes, so N processes train the same adapter as one
+process with the same global batch. Every process evaluates and gathers the state to save (FSDP2
+needs all of them for that); only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from .. import inject, io
+from ..config import LoraConfig
 from ..errors import LoraError
 from ..schema import to_dict
 from . import checkpoint as ckpt
@@ -83,6 +90,9 @@ class RowStream:
 
 def train(cfg: TrainConfig) -> RunSummary:
     t = cfg.training
+    if cfg.mixture.experts:
+        raise LoraError("mixture: training a mixture of experts or AdapterFusion with `lorakit train` is not "
+                        "implemented yet; build one in Python with lorakit.compose.mixture / lorakit.compose.fusion")
     out = Path(cfg.output.dir)
     dist = Dist.setup(t.strategy, resolve_device(cfg.model.device))
     device = dist.device
@@ -102,12 +112,16 @@ def train(cfg: TrainConfig) -> RunSummary:
     lora = dataclasses.replace(cfg.lora, base_model_name_or_path=cfg.model.name_or_path,
                                task_type=cfg.lora.task_type or "CAUSAL_LM")
     inject.add_adapter(model, lora, ADAPTER, adapter_dtype=torch.float32)   # fp32 master weights
+    if dist.world > 1:   # the same initial adapter on every process; from here, each its own dropout masks
+        torch.manual_seed(t.seed + dist.rank)
     model.train()
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log(inject.trainable_summary(model))
-    optimizer = _optimizer(model, t.lr, t.weight_decay, t.lora_plus_ratio, device)
     step_model = dist.wrap(model)
+    if dist.world > 1:
+        log(dist.describe(model))
+    optimizer = _optimizer(model, t.lr, t.weight_decay, t.lora_plus_ratio, device)   # after wrap: FSDP2 swaps params
 
     global_rows = t.micro_batch_size * t.grad_accum * dist.world
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / global_rows))
@@ -116,12 +130,13 @@ def train(cfg: TrainConfig) -> RunSummary:
     resume_from = ckpt.find_resume_checkpoint(t.resume, out) if t.resume else None
     if resume_from is not None:
         _check_same_run(ckpt.read_checkpoint_config(resume_from), resolved, resume_from)
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, ADAPTER)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, ADAPTER, dist)
         start, stream = state.step, RowStream(len(rows), t.seed, state.epoch, state.position)
         log(f"resumed from {resume_from} at step {start}")
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out, start if resume_from else None, cfg.output.tensorboard and dist.is_main) \
-        if dist.is_main else None
+    metrics = None
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(out, start if resume_from else None, cfg.output.tensorboard)
 
     use_bf16 = t.bf16 == "true" or (t.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
@@ -161,19 +176,19 @@ def train(cfg: TrainConfig) -> RunSummary:
                 "lower lora.r / target fewer modules"
             ) from None
         mean_loss = (dist.sum(step_loss) / n_trained).item()
-        if not math.isfinite(mean_loss):
+        if not math.isfinite(mean_loss):   # summed over processes: all of them stop here together
             optimizer.zero_grad(set_to_none=True)
-            where = ckpt.save_checkpoint(out, model, optimizer, ckpt.TrainerState(step, stream.epoch, stream.position,
-                                                                                   total_steps), resolved, t.keep_last) \
-                if dist.is_main else None
+            where = ckpt.save_checkpoint(out, model, optimizer, _trainer_state(step, stream, total_steps, dist),
+                                         resolved, t.keep_last, ADAPTER, dist)
             raise TrainingDiverged(
                 f"the loss became {mean_loss} at step {step + 1}; stopped with the last good state saved in {where}. "
                 "Lower training.lr, keep training.max_grad_norm set, or check the data for broken samples"
             )
         grad_norm = None
         if t.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], t.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                  t.max_grad_norm)
+            grad_norm = float(io.gather_full(norm))   # over FSDP2 shards a DTensor: the norm of the whole gradient
         lr = lr_at(step, total_steps, t.lr, t.warmup_steps, t.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -194,9 +209,9 @@ def train(cfg: TrainConfig) -> RunSummary:
             row.update(_eval_row(result))
         if metrics and (done % t.log_every == 0 or done == total_steps or "eval_loss" in row):
             metrics.log(row)
-        if dist.is_main and (done == total_steps or (t.save_every and done % t.save_every == 0)):
-            ckpt.save_checkpoint(out, model, optimizer, ckpt.TrainerState(done, stream.epoch, stream.position,
-                                                                          total_steps), resolved, t.keep_last)
+        if done == total_steps or (t.save_every and done % t.save_every == 0):
+            ckpt.save_checkpoint(out, model, optimizer, _trainer_state(done, stream, total_steps, dist), resolved,
+                                 t.keep_last, ADAPTER, dist)
         dist.barrier()
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -209,13 +224,18 @@ def train(cfg: TrainConfig) -> RunSummary:
     summary = RunSummary(out, total_steps, eval_before, eval_after,
                          tokens_per_s=tokens_seen * dist.world / max(elapsed, 1e-9),
                          peak_memory_bytes=_peak_memory(device), losses=losses)
+    adapter = io.full_adapter_state_dict(model, ADAPTER)
     if dist.is_main:
         metrics.close()
-        _write_run_dir(out, model, tokenizer, cfg, resolved, summary)
+        _write_run_dir(out, adapter, inject.get_state(model).configs[ADAPTER], tokenizer, cfg, resolved, summary)
         _print_summary(summary, log)
     dist.barrier()
     dist.close()
     return summary
+
+
+def _trainer_state(step: int, stream: RowStream, total_steps: int, dist: Dist) -> ckpt.TrainerState:
+    return ckpt.TrainerState(step, stream.epoch, stream.position, total_steps, dist.world)
 
 
 def _optimizer(model, lr: float, weight_decay: float, lora_plus_ratio: float | None, device) -> torch.optim.AdamW:
@@ -274,10 +294,11 @@ def _printer(enabled: bool):
     return log
 
 
-def _write_run_dir(out: Path, model, tokenizer, cfg: TrainConfig, resolved: dict, summary: RunSummary) -> None:
-    """The run directory as a complete artifact: adapter (PEFT format), tokenizer, resolved config,
-    metrics, loss plot, model card, and the merged model when asked."""
-    io.save_adapter(model, out, name=ADAPTER)
+def _write_run_dir(out: Path, adapter: dict[str, torch.Tensor], lora: LoraConfig, tokenizer, cfg: TrainConfig,
+                   resolved: dict, summary: RunSummary) -> None:
+    """The run directory as a complete artifact: adapter (PEFT format, from whole tensors), tokenizer,
+    resolved config, metrics, loss plot, model card, and the merged model when asked."""
+    io.write_adapter(out, adapter, lora)
     tokenizer.save_pretrained(out)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     plot_losses(out / "metrics.csv", out / "loss.png")

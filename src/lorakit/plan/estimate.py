@@ -1,0 +1,314 @@
+"""Peak training memory in closed form, for LoRA, QLoRA and full fine-tuning.
+
+    peak = frozen weights + trained state + stored activations + max(loss head, recompute)
+
+- Frozen weights: every frozen parameter and buffer in the weight dtype. QLoRA: the decoder's
+  linear weights in NF4 (4-bit codes, an 8-bit absmax per 64 weights and an fp32 constant per 256
+  absmax: 4.127 bits), everything else in bf16, plus one dequantized copy of the largest matrix.
+- Trained state: weights + gradients + AdamW's two moments, 4x each trainable parameter's bytes
+  (lorakit keeps adapters in fp32: 16 bytes per parameter). Full fine-tuning: 16 bytes per
+  parameter (bf16 weight and gradient, fp32 master copy and moments; ZeRO paper, section 3.1).
+- Stored activations: the tensors autograd keeps for backward at the end of the forward, counted
+  op by op for the transformers implementation (below), at N = micro batch x sequence tokens.
+- Loss head: the logits in the compute dtype and, in `lorakit.train.loss.loss_sum`, the shifted
+  logits flattened to fp32 and their log-softmax; in backward the log-softmax output, its gradient
+  and the gradient of its input (3 x N x vocab x 4 bytes, usually the larger).
+- Recompute: with gradient checkpointing the stored activations are each layer's input, and the
+  backward of a layer first recomputes that layer; without, the backward of a layer only adds
+  transient gradients. The loss head is freed before the first layer's backward, so the peak
+  takes the larger of the two, not their sum.
+
+What one Llama-style decoder layer stores for backward with LoRA (N tokens, compute dtype cd
+bytes; measured with `saved_tensors_hooks` on transformers 5, sdpa; a frozen linear keeps no input):
+
+    RMSNorm (x2)        its fp32 input and 1/rms                       N (4h + 4)    when gradients flow
+    q/k/v/gate/up/down  the input of each adapted group                N h cd, N I cd (down)
+    each adapter        x A^T                                          N r cd
+    attention           q, k, v after rope, the output, log-sum-exp    N (2 q + 2 kv) cd + B heads T 4
+      with a mask (padded or packed rows), sdpa gets repeat_kv copies (kv -> q) and a B T T mask
+      in the compute dtype per layer; eager attention keeps the fp32 and cd probabilities instead
+    MLP (SwiGLU)        gate output, its activation, up output          3 N I cd
+    full fine-tuning adds each norm's normalised input (for the norm weight) and the head's input.
+
+GPT-2 is modelled likewise (LayerNorm keeps mean and rstd, the fused c_attn output is one storage,
+gelu_new keeps 4 N I tensors, dropout keeps its mask: float on CPU, bool on CUDA). Other
+architectures use the Llama layer (marked approximate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+FULL_FT_BYTES = 16
+CUDA_RESERVE = 2**30
+"""Held back from the memory budget on CUDA: the CUDA context and cuBLAS workspaces, which
+`torch.cuda.max_memory_allocated` does not count (an assumption, not measured here)."""
+METHODS = ("lora", "qlora", "full")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The dimensions the memory model needs, read from the model config."""
+
+    family: str
+    """"llama" (RMSNorm, q/k/v/o, gated MLP) or "gpt2"."""
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    act_saved: int
+    """Tensors of N x intermediate the MLP activation keeps: 3 for SwiGLU/GeGLU, 4 for gelu_new."""
+    act_grads: int
+    """Gradients of N x intermediate alive at once in the MLP's backward: 1 for SwiGLU, 2 for
+    gelu_new's chain of elementwise ops (measured on CPU)."""
+    resid_dropout: float = 0.0
+    attn_dropout: float = 0.0
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class LayerAdapters:
+    """The LoRA ranks on one decoder layer, by where their input sits in the layer."""
+
+    qkv: tuple[int, ...] = ()
+    o: tuple[int, ...] = ()
+    up: tuple[int, ...] = ()
+    down: tuple[int, ...] = ()
+    other: tuple[tuple[int, int], ...] = ()
+    """(d_in, r) of adapted modules the layer model does not place (approximate)."""
+
+
+@dataclass(frozen=True)
+class Trainables:
+    """Where a LoRA run trains, as the activation model sees it."""
+
+    layers: tuple[LayerAdapters, ...]
+    embedding: tuple[int, ...] = ()
+    """LoRA ranks on the input embedding."""
+    head: tuple[int, ...] = ()
+    """LoRA ranks on the output head."""
+    head_full: bool = False
+    """The output head trains in full (modules_to_save)."""
+    from_start: bool = False
+    """Something before the first layer trains (an embedding copy, biases): gradients flow through
+    every layer."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One micro-batch and the precision it runs in."""
+
+    batch: int
+    seq: int
+    weight_bytes: int
+    """Bytes per weight element (2: bf16/fp16, 4: fp32); also the residual stream's dtype."""
+    compute_bytes: int
+    """Bytes per activation element: 2 under bf16 autocast or with 16-bit weights, else 4."""
+    device: str = "cuda"
+    attention: str = "sdpa"
+    """transformers attn_implementation: sdpa, eager or flash_attention_2."""
+    masked: bool = True
+    """Rows are padded or packed, so sdpa gets an attention mask."""
+
+
+@dataclass
+class Estimate:
+    """Predicted peak bytes of one training setup (a method, with or without checkpointing)."""
+
+    method: str
+    checkpointing: bool
+    frozen_weights: int
+    trained_state: int
+    """Trainable weights + gradients + optimizer state."""
+    activations: int
+    """Stored for backward at the end of the forward."""
+    loss_logits: int
+    recompute: int
+    """One layer's recompute and backward transients (checkpointing), or the backward transients."""
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total = (self.frozen_weights + self.trained_state + self.activations
+                      + max(self.loss_logits, self.recompute))
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Parameter counts and bytes of the model, split the way the methods treat them."""
+
+    frozen_bytes: int
+    """Frozen parameters and buffers in the weight dtype (the LoRA run)."""
+    trained_bytes: int
+    """Trainable parameters' bytes (each in its own dtype) in the LoRA run."""
+    base_params: int
+    """Parameters of the base model (trained in full fine-tuning)."""
+    buffer_bytes: int
+    quantizable_params: int
+    """Decoder linear weights (what bitsandbytes quantizes for QLoRA; not the output head)."""
+    largest_matrix: int
+    """Elements of the largest quantizable weight (dequantized one at a time in QLoRA)."""
+
+
+# ---- activations ------------------------------------------------------------------------------
+
+
+def _mask_bytes(w: Workload) -> int:
+    """Bytes per element of a dropout mask: torch keeps a float noise tensor on CPU, a bool on CUDA."""
+    return w.compute_bytes if w.device == "cpu" else 1
+
+
+def _attention(a: Arch, w: Workload, out_kept: bool) -> int:
+    """What attention keeps for backward when gradients flow through it. `out_kept`: the output
+    projection keeps its input (adapted or trained), which the fused kernels keep anyway."""
+    n, cd, b, t = w.batch * w.seq, w.compute_bytes, w.batch, w.seq
+    repeated = a.kv_heads != a.heads
+    if w.attention == "eager":
+        kv = a.q_dim if repeated else a.kv_dim               # eager always calls repeat_kv
+        probs = b * a.heads * t * t * (4 if cd == 4 else 4 + cd)   # fp32 softmax, then its cd copy
+        return n * (a.q_dim + 2 * kv) * cd + probs + (n * a.q_dim * cd if out_kept else 0)
+    masked = w.masked and w.attention == "sdpa"
+    math_kernel = a.attn_dropout > 0 and w.device == "cpu"   # CPU sdpa has no fused kernel with dropout
+    kv = a.q_dim if masked and repeated else a.kv_dim          # repeat_kv when sdpa gets a mask
+    qkv = 3 * a.q_dim if a.family == "gpt2" else a.q_dim + 2 * kv   # GPT-2: one fused c_attn storage
+    if math_kernel:   # probabilities, the dropout mask and the dropped probabilities (the mask is only added)
+        out = n * a.q_dim * cd if out_kept else 0
+        return n * qkv * cd + 3 * b * a.heads * t * t * cd + out
+    mask = b * t * t * cd if masked else 0                  # converted to the compute dtype in each layer
+    return n * (qkv + a.q_dim) * cd + b * a.heads * t * 4 + mask   # + the output and log-sum-exp
+
+
+def _norm(a: Arch, n: int) -> int:
+    """A norm's fp32 input plus its statistics (1/rms; LayerNorm: mean and rstd)."""
+    return n * (a.hidden * 4 + (8 if a.family == "gpt2" else 4))
+
+
+def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool) -> tuple[int, bool]:
+    """Bytes one decoder layer stores for backward, and whether gradients flow out of it.
+    `ad` None is full fine-tuning; `grad`: gradients flow into the layer's input."""
+    n, cd = w.batch * w.seq, w.compute_bytes
+    full = ad is None
+    ad = ad or LayerAdapters()
+    norm_out = n * a.hidden * cd if full and a.family != "gpt2" else 0   # for an RMSNorm weight's gradient
+    keep = sum(n * r * cd for r in ad.qkv + ad.o + ad.up + ad.down) + sum(n * (d + r) * cd for d, r in ad.other)
+    grad = grad or full or bool(ad.other)
+    if grad:
+        keep += _norm(a, n)
+    keep += norm_out
+    if ad.qkv or full:
+        keep += n * a.hidden * cd
+    grad = grad or bool(ad.qkv)
+    if grad:
+        keep += _attention(a, w, bool(ad.o) or full)
+    elif ad.o:
+        keep += n * a.q_dim * cd
+    grad = grad or bool(ad.o)
+    if grad and a.resid_dropout > 0:
+        keep += n * a.hidden * _mask_bytes(w)
+    if grad:
+        keep += _norm(a, n)
+    keep += norm_out
+    if ad.up or full:
+        keep += n * a.hidden * cd
+    grad = grad or bool(ad.up)
+    if grad:
+        keep += a.act_saved * n * a.intermediate * cd
+    if ad.down or full:
+        keep += n * a.intermediate * cd
+    grad = grad or bool(ad.down)
+    if grad and a.resid_dropout > 0:
+        keep += n * a.hidden * _mask_bytes(w)
+    return keep, grad
+
+
+def activations(a: Arch, w: Workload, train: Trainables | None, checkpointing: bool) -> tuple[int, int]:
+    """(stored activations, recompute and backward transients) in bytes; `train` None is full
+    fine-tuning."""
+    n, cd, b, t = w.batch * w.seq, w.compute_bytes, w.batch, w.seq
+    full = train is None
+    indices = b * t * 8                                    # the embedding's backward keeps the ids
+    keep = 0
+    grad = full or train.from_start or bool(train.embedding)
+    if full:
+        keep += indices
+        if a.resid_dropout > 0:                            # GPT-2's embedding dropout
+            keep += n * a.hidden * _mask_bytes(w)
+    elif train.embedding:
+        keep += indices + sum(n * r * cd for r in train.embedding)
+    layers = [None] * a.layers if full else list(train.layers)
+    per_layer = []
+    for ad in layers:
+        stored, grad = _layer(a, w, ad, grad)
+        per_layer.append(stored)
+    head_in = n * a.hidden * cd
+    if grad:
+        keep += _norm(a, n)
+        if a.family != "gpt2":
+            keep += 2 * t * a.head_dim * cd                 # rope cos and sin, shared by the layers
+    if full:
+        keep += head_in + (head_in if a.family != "gpt2" else 0)   # head input; the final RMSNorm's output
+    elif train.head:
+        keep += head_in + sum(n * r * cd for r in train.head)
+    elif train.head_full:
+        keep += head_in
+    transient = n * (a.hidden + a.act_grads * a.intermediate) * cd   # gradients in flight through one layer
+    if not checkpointing:
+        return keep + sum(per_layer), transient
+    inputs = a.layers * n * a.hidden * w.weight_bytes      # each layer's input, kept for the recompute
+    return keep + inputs, max(per_layer, default=0) + transient
+
+
+def loss_head(a: Arch, w: Workload) -> int:
+    """Peak bytes of the logits and the loss (see the module docstring)."""
+    n, shifted, v = w.batch * w.seq, w.batch * (w.seq - 1), a.vocab
+    copy = shifted * v * 4 if (w.batch > 1 or w.compute_bytes != 4) else 0   # B = 1 in fp32 is a view
+    forward = n * v * w.compute_bytes + copy + shifted * v * 4
+    backward = 3 * shifted * v * 4
+    return max(forward, backward)
+
+
+# ---- whole runs ------------------------------------------------------------------------------------
+
+
+def estimate(method: str, checkpointing: bool, a: Arch, w: Workload, weights: Weights,
+             train: Trainables) -> Estimate:
+    """The peak of one method ("lora", "qlora" or "full") with or without checkpointing."""
+    if method == "full":
+        frozen, trained, who = weights.buffer_bytes, FULL_FT_BYTES * weights.base_params, None
+    elif method == "qlora":
+        rest = weights.frozen_bytes - weights.buffer_bytes - weights.quantizable_params * w.weight_bytes
+        frozen = (weights.buffer_bytes + round(weights.quantizable_params * NF4_BYTES)
+                  + rest // w.weight_bytes * 2 + weights.largest_matrix * 2)   # non-quantized parts in bf16
+        trained, who = 4 * weights.trained_bytes, train
+    else:
+        frozen, trained, who = weights.frozen_bytes, 4 * weights.trained_bytes, train
+    stored, recompute = activations(a, w, who, checkpointing)
+    return Estimate(method, checkpointing, frozen, trained, stored, loss_head(a, w), recompute)
+
+
+def usable(budget: int, device: str) -> int:
+    """The part of a memory budget tensors can use."""
+    return budget - CUDA_RESERVE if device == "cuda" else budget
+
+
+def largest(fits, low: int, high: int) -> int:
+    """The largest value in [low, high] for which `fits(value)` holds (it is monotone), or 0."""
+    if not fits(low):
+        return 0
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low

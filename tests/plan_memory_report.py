@@ -1,0 +1,100 @@
+"""The `lorakit plan` memory estimate against the peak `lorakit train` reaches, on CPU, for tiny
+configs: the figures in BENCHMARKS.md, and the helpers tests/test_plan.py checks them with.
+
+Each case trains 2 steps of 8 rows x 64 tokens with r=8 adapters inside a
+`lorakit.train.memory.PeakMemory` region around the whole `train(cfg)` call, so the measured peak
+is every tensor byte of the run: weights, adapter, AdamW state, activations and the loss, which is
+what the estimate covers. The data is text longer than max_seq_len, so every row fills it; the
+"padded" data has one short row, so batches are padded and attention gets a mask.
+
+    .venv/bin/python tests/plan_memory_report.py          # every case, as a markdown table
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lorakit.builtin import build_tokenizer
+from lorakit.plan import make_plan
+from lorakit.plan.estimate import Estimate
+from lorakit.train.config import load_config
+from lorakit.train.loop import train
+from lorakit.train.memory import PeakMemory
+
+CASES = {   # name: (model, data, overrides)
+    "llama padded": ("llama", "padded", []),
+    "llama full rows": ("llama", "full_rows", []),
+    "llama checkpointing": ("llama", "padded", ["training.gradient_checkpointing=true"]),
+    "gpt2 padded": ("gpt2", "padded", []),
+    "llama bf16 (weights and autocast)": ("llama", "padded", ["model.dtype=bf16", "training.bf16=true"]),
+    "llama eager attention": ("llama", "padded", ["model.attn_implementation=eager"]),
+    "llama q_proj, v_proj only": ("llama", "padded", ["lora.target_modules=[q_proj,v_proj]"]),
+    "llama lora_dropout 0.1": ("llama", "padded", ["lora.lora_dropout=0.1"]),
+    "gpt2 dropout 0.1 (math attention)": ("gpt2_dropout", "padded", []),
+    "gpt2 checkpointing": ("gpt2", "padded", ["training.gradient_checkpointing=true"]),
+}
+
+
+def write_inputs(root: Path) -> Path:
+    """Tiny Llama (GQA: 4 heads, 2 KV heads) and GPT-2 directories with the built-in byte tokenizer,
+    and the two data files."""
+    tokenizer = build_tokenizer()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    gpt2 = dict(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids)
+    torch.manual_seed(0)
+    models = {
+        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=256, tie_word_embeddings=False, **ids)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **gpt2)),
+        "gpt2_dropout": GPT2LMHeadModel(GPT2Config(**gpt2)),   # GPT-2's own 0.1 dropouts
+    }
+    for name, model in models.items():
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    for name, short in (("full_rows", 0), ("padded", 1)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for i in range(8):
+                f.write(json.dumps({"text": f"the quick brown fox {i} " * (1 if i < short else 20)}) + "\n")
+    return root
+
+
+def measure(root: Path, case: str, out_dir: Path) -> tuple[int, Estimate]:
+    """(measured peak bytes of the training run, the plan's LoRA estimate for it)."""
+    model, data, extra = CASES[case]
+    cfg = load_config(None, [f"model.name_or_path={root / model}", f"data.train={root / data}.jsonl",
+                             "data.max_seq_len=64", "training.micro_batch_size=8", "training.max_steps=2",
+                             "lora.r=8", "lora.lora_alpha=16", "model.device=cpu", "output.tensorboard=false",
+                             f"output.dir={out_dir}", *extra])
+    peak = PeakMemory("cpu")
+    with peak.region():
+        train(cfg)
+    plan = make_plan(cfg, device="cpu", padded=data == "padded")
+    estimate = next(e for e in plan.estimates
+                    if e.method == "lora" and e.checkpointing == cfg.training.gradient_checkpointing)
+    return peak.peak_bytes, estimate
+
+
+def main() -> int:
+    warnings.filterwarnings("ignore")
+    rows = ["| case | measured peak (bytes) | estimate (bytes) | estimate / measured |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_inputs(Path(tmp))
+        for i, case in enumerate(CASES):
+            measured, estimate = measure(root, case, Path(tmp) / f"run{i}")
+            rows.append(f"| {case} | {measured:,} | {estimate.total:,} | {estimate.total / measured:.3f} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
