@@ -1,10 +1,10 @@
 """The `lorakit plan` memory estimate against the peak `lorakit train` reaches, on CPU, for tiny
 configs: the figures in BENCHMARKS.md, and the helpers tests/test_plan.py checks them with.
 
-Each case trains 2 steps of 8 rows x 64 tokens with r=8 adapters inside a
-`lorakit.train.memory.PeakMemory` region around the whole `train(cfg)` call, so the measured peak
-is every tensor byte of the run: weights, adapter, AdamW state, activations and the loss, which is
-what the estimate covers. The data is text longer than max_seq_len, so every row fills it; the
+Each case trains 2 steps of 8 rows x 64 tokens with r=8 adapters; the measured peak is the one
+the loop reports (`RunSummary.peak_memory_bytes`, also in the model card): every tensor byte held
+during a training step (`lorakit.train.memory.PeakMemory`): weights, adapter, AdamW state,
+activations and the loss, which is what the estimate covers. The data is text longer than max_seq_len, so every row fills it; the
 "padded" data has one short row, so batches are padded and attention gets a mask.
 
     .venv/bin/python tests/plan_memory_report.py          # every case, as a markdown table
@@ -26,7 +26,6 @@ from lorakit.plan import make_plan
 from lorakit.plan.estimate import Estimate
 from lorakit.train.config import load_config
 from lorakit.train.loop import train
-from lorakit.train.memory import PeakMemory
 
 CASES = {   # name: (model, data, overrides)
     "llama padded": ("llama", "padded", []),
@@ -74,13 +73,11 @@ def measure(root: Path, case: str, out_dir: Path) -> tuple[int, Estimate]:
                              "data.max_seq_len=64", "training.micro_batch_size=8", "training.max_steps=2",
                              "lora.r=8", "lora.lora_alpha=16", "model.device=cpu", "output.tensorboard=false",
                              f"output.dir={out_dir}", *extra])
-    peak = PeakMemory("cpu")
-    with peak.region():
-        train(cfg)
+    summary = train(cfg)
     plan = make_plan(cfg, device="cpu", padded=data == "padded")
     estimate = next(e for e in plan.estimates
                     if e.method == "lora" and e.checkpointing == cfg.training.gradient_checkpointing)
-    return peak.peak_bytes, estimate
+    return summary.peak_memory_bytes, estimate
 
 
 def main() -> int:

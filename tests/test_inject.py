@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit as lk

@@ -3,10 +3,10 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_inject import perturb
+from tiny_models import tiny_gpt2, tiny_llama
 
 import lorakit as lk
 from lorakit.cli import main as cli_main

@@ -13,8 +13,8 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
 from plan_memory_report import measure, write_inputs
+from tiny_models import tiny_gpt2, tiny_llama
 from transformers import LlamaConfig
 
 import lorakit as lk
@@ -147,9 +147,8 @@ def memory_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["llama padded", "llama full rows", "llama checkpointing", "gpt2 padded"])
 def test_estimate_within_15_percent_of_the_training_loop_peak(case, memory_dirs, tmp_path):
-    """The loop trains inside a PeakMemory region (tests/plan_memory_report.py), so the measured peak
-    is every tensor byte of the run: weights, adapter, AdamW state, activations, loss, what the
-    estimate covers. (All cases of that script are within 2%; see BENCHMARKS.md.)"""
+    """The peak the loop reports (tests/plan_memory_report.py) is every tensor byte held during a
+    training step: weights, adapter, AdamW state, activations, loss, what the estimate covers. (All cases of that script are within 2%; see BENCHMARKS.md.)"""
     measured, estimate = measure(memory_dirs, case, tmp_path / "run")
     assert abs(estimate.total / measured - 1) < 0.15, (estimate, measured)
 

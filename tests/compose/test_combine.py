@@ -14,8 +14,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
 from peft import PeftModel
+from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit as lk

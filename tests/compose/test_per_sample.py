@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from tiny_models import tiny_gpt2, tiny_llama
 
 import lorakit as lk
 from lorakit.compose.per_sample import _RowComposer, per_sample_adapters

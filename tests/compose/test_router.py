@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_llama
 
 import lorakit as lk
 from lorakit.builtin import builtin_data_files, builtin_model_dir

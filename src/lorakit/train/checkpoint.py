@@ -1,7 +1,8 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped.
 
     <out>/checkpoints/step-00000050/
-        adapter_config.json, adapter_model.safetensors   the adapter (PEFT format)
+        adapter_config.json, adapter_model.safetensors   the adapter (PEFT format), or a mixture's
+                                                          files (lorakit.train.trainee)
         optimizer.safetensors                             optimizer moments and the RNG states
         trainer_state.json                                step, data position, processes, param groups
         config.yaml                                       the resolved run config
@@ -35,9 +36,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import LoraError
-from ..inject import get_state
-from ..io import full_adapter_state_dict, gather_full, load_adapter_weights, shard_like, write_adapter
+from ..io import gather_full, shard_like
 from .distributed import Dist
+from .trainee import Trainee
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 
@@ -68,13 +69,12 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
-                    config: dict[str, Any], keep_last: int, adapter_name: str = "default",
-                    dist: Dist | None = None) -> Path:
+                    config: dict[str, Any], keep_last: int, trainee: Trainee, dist: Dist | None = None) -> Path:
     """Write the checkpoint of `state.step` and return its directory. With several processes every
     process must call this (it gathers); only the main one touches the disk."""
     dist = dist or Dist()
     target = checkpoint_dir(out_dir, state.step)
-    adapter = full_adapter_state_dict(model, adapter_name)
+    trained = trainee.gather(model)
     tensors, groups = _optimizer_tensors(optimizer)
     for key, value in _rng_states().items():
         for rank, v in enumerate(dist.all_gather(value)):
@@ -84,7 +84,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        write_adapter(tmp, adapter, get_state(model).configs[adapter_name])
+        trainee.write(tmp, trained)
         save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
         (tmp / "trainer_state.json").write_text(json.dumps({**state.__dict__, "param_groups": groups}, indent=2))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -133,9 +133,9 @@ def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    adapter_name: str = "default", dist: Dist | None = None) -> TrainerState:
-    """Restore adapter weights, optimizer state and RNG states in place; return the trainer state.
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainee: Trainee,
+                    dist: Dist | None = None) -> TrainerState:
+    """Restore the trained weights (adapter or mixture), optimizer state and RNG states in place; return the trainer state.
     With several processes each one calls this and keeps its shards and its own RNG states."""
     dist = dist or Dist()
     meta = json.loads((path / "trainer_state.json").read_text())
@@ -144,7 +144,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise LoraError(f"checkpoint {path} was written by a run of {saved_world} process(es) and this run has "
                         f"{dist.world}; the global batch depends on it, so resume with --nproc {saved_world} "
                         "or start a new output.dir")
-    load_adapter_weights(model, path, adapter_name)
+    trainee.load_weights(model, path)
     tensors = load_file(path / "optimizer.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

@@ -1,9 +1,11 @@
 """`lorakit train`: the training loop, top to bottom.
 
-    load tokenizer, model and data -> add the adapter -> (resume) -> evaluate ->
+    load tokenizer, model and data -> add the adapter (or a mixture over saved adapters) ->
+    (resume) -> evaluate ->
     for each optimizer step:
         grad_accum micro-batches: loss summed over trained tokens, divided by the trained tokens
-        of the whole step (all micro-batches, all processes) -> backward
+        of the whole step (all micro-batches, all processes), plus a mixture's weighted auxiliary
+        losses averaged over the micro-batches -> backward
         clip -> lr from the schedule (a pure function of the step) -> AdamW step
         log, evaluate every N, checkpoint every N
     -> evaluate -> write the run directory (adapter, tokenizer, config, metrics, plot, card)
@@ -21,9 +23,7 @@ needs all of them for that); only rank 0 writes files.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -35,7 +35,6 @@ import yaml
 from tqdm import tqdm
 
 from .. import inject, io
-from ..config import LoraConfig
 from ..errors import LoraError
 from ..schema import to_dict
 from . import checkpoint as ckpt
@@ -44,11 +43,11 @@ from .data import build_datasets, collate, pack
 from .distributed import Dist
 from .evaluate import EvalResult, evaluate
 from .loss import loss_sum
+from .memory import PeakMemory
 from .metrics import MetricsLog, plot_losses
 from .model_io import load_model, load_tokenizer, resolve_device
 from .schedule import lr_at
-
-ADAPTER = "default"
+from .trainee import Trainee, trainee_for
 
 
 class TrainingDiverged(LoraError):
@@ -90,12 +89,10 @@ class RowStream:
 
 def train(cfg: TrainConfig) -> RunSummary:
     t = cfg.training
-    if cfg.mixture.experts:
-        raise LoraError("mixture: training a mixture of experts or AdapterFusion with `lorakit train` is not "
-                        "implemented yet; build one in Python with lorakit.compose.mixture / lorakit.compose.fusion")
     out = Path(cfg.output.dir)
     dist = Dist.setup(t.strategy, resolve_device(cfg.model.device))
     device = dist.device
+    peak = PeakMemory(device)
     torch.manual_seed(t.seed)
     log = _printer(dist.is_main)
 
@@ -109,9 +106,8 @@ def train(cfg: TrainConfig) -> RunSummary:
     for line in report.lines():
         log(line)
 
-    lora = dataclasses.replace(cfg.lora, base_model_name_or_path=cfg.model.name_or_path,
-                               task_type=cfg.lora.task_type or "CAUSAL_LM")
-    inject.add_adapter(model, lora, ADAPTER, adapter_dtype=torch.float32)   # fp32 master weights
+    trainee = trainee_for(cfg)
+    trainee.attach(model)
     if dist.world > 1:   # the same initial adapter on every process; from here, each its own dropout masks
         torch.manual_seed(t.seed + dist.rank)
     model.train()
@@ -130,7 +126,7 @@ def train(cfg: TrainConfig) -> RunSummary:
     resume_from = ckpt.find_resume_checkpoint(t.resume, out) if t.resume else None
     if resume_from is not None:
         _check_same_run(ckpt.read_checkpoint_config(resume_from), resolved, resume_from)
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, ADAPTER, dist)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, trainee, dist)
         start, stream = state.step, RowStream(len(rows), t.seed, state.epoch, state.position)
         log(f"resumed from {resume_from} at step {start}")
     metrics = None
@@ -160,15 +156,21 @@ def train(cfg: TrainConfig) -> RunSummary:
             micro.append(collate([rows[i] for i in mine], tokenizer.pad_token_id))
         n_trained = dist.sum(sum((b["labels"][:, 1:] != -100).sum() for b in micro).to(device).float())
         step_loss = torch.zeros((), device=device)
+        aux_sums: dict[str, torch.Tensor] = {}
         try:
-            for batch in micro:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast():
-                    s, _ = loss_sum(step_model, batch)
-                # DDP averages gradients over processes: scale by world so the result is the sum / n_trained
-                (s * dist.world / n_trained).backward()
-                step_loss += s.detach()
-                tokens_seen += int(batch["input_ids"].numel())
+            with peak.step(max(b["input_ids"].numel() for b in micro), model, optimizer):
+                for batch in micro:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with autocast():
+                        s, _ = loss_sum(step_model, batch)
+                    aux = trainee.aux_losses(model)
+                    # DDP averages gradients over processes: scale by world so the result is the sum / n_trained
+                    loss = s * dist.world / n_trained + sum(w * v for w, v in aux.values()) / t.grad_accum
+                    loss.backward()
+                    step_loss += s.detach()
+                    for name, (_, v) in aux.items():
+                        aux_sums[name] = aux_sums.get(name, 0) + v.detach()
+                    tokens_seen += int(batch["input_ids"].numel())
         except torch.OutOfMemoryError:
             raise LoraError(
                 "out of memory in the training step. Reduce training.micro_batch_size (raise training.grad_accum to "
@@ -179,7 +181,7 @@ def train(cfg: TrainConfig) -> RunSummary:
         if not math.isfinite(mean_loss):   # summed over processes: all of them stop here together
             optimizer.zero_grad(set_to_none=True)
             where = ckpt.save_checkpoint(out, model, optimizer, _trainer_state(step, stream, total_steps, dist),
-                                         resolved, t.keep_last, ADAPTER, dist)
+                                         resolved, t.keep_last, trainee, dist)
             raise TrainingDiverged(
                 f"the loss became {mean_loss} at step {step + 1}; stopped with the last good state saved in {where}. "
                 "Lower training.lr, keep training.max_grad_norm set, or check the data for broken samples"
@@ -202,7 +204,8 @@ def train(cfg: TrainConfig) -> RunSummary:
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         row = {"step": done, "epoch": round(stream.epoch + stream.position / max(len(rows), 1), 4),
                "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": int(n_trained.item()),
-               "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 3)}
+               "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 3),
+               **{k: (dist.sum(v) / (t.grad_accum * dist.world)).item() for k, v in aux_sums.items()}}
         if t.eval_every and done % t.eval_every == 0 and done != total_steps and eval_examples:
             result = _evaluate(model, tokenizer, eval_examples, t.micro_batch_size, device, autocast)
             log(_eval_line(f"step {done}", result))
@@ -211,7 +214,7 @@ def train(cfg: TrainConfig) -> RunSummary:
             metrics.log(row)
         if done == total_steps or (t.save_every and done % t.save_every == 0):
             ckpt.save_checkpoint(out, model, optimizer, _trainer_state(done, stream, total_steps, dist), resolved,
-                                 t.keep_last, ADAPTER, dist)
+                                 t.keep_last, trainee, dist)
         dist.barrier()
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -223,11 +226,11 @@ def train(cfg: TrainConfig) -> RunSummary:
             metrics.log({"step": total_steps, **_eval_row(eval_after)})
     summary = RunSummary(out, total_steps, eval_before, eval_after,
                          tokens_per_s=tokens_seen * dist.world / max(elapsed, 1e-9),
-                         peak_memory_bytes=_peak_memory(device), losses=losses)
-    adapter = io.full_adapter_state_dict(model, ADAPTER)
+                         peak_memory_bytes=peak.peak_bytes, losses=losses)
+    trained = trainee.gather(model)
     if dist.is_main:
         metrics.close()
-        _write_run_dir(out, adapter, inject.get_state(model).configs[ADAPTER], tokenizer, cfg, resolved, summary)
+        _write_run_dir(out, trainee, trained, tokenizer, cfg, resolved, summary)
         _print_summary(summary, log)
     dist.barrier()
     dist.close()
@@ -253,7 +256,7 @@ def _optimizer(model, lr: float, weight_decay: float, lora_plus_ratio: float | N
 
 def _check_same_run(saved: dict, current: dict, where: Path) -> None:
     """Resuming under another model, adapter, data or batch layout would not continue the same run."""
-    keys = [("model",), ("lora",), ("data",), ("training", "micro_batch_size"), ("training", "grad_accum"),
+    keys = [("model",), ("lora",), ("mixture",), ("data",), ("training", "micro_batch_size"), ("training", "grad_accum"),
             ("training", "seed")]
     changed = []
     for path in keys:
@@ -281,12 +284,6 @@ def _eval_line(when: str, r: EvalResult) -> str:
     return f"{when}: eval loss {r.loss:.4f} (perplexity {r.ppl:.2f}){em} on {r.n_examples} examples"
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
-
-
 def _printer(enabled: bool):
     def log(message: str) -> None:
         if enabled:
@@ -294,49 +291,47 @@ def _printer(enabled: bool):
     return log
 
 
-def _write_run_dir(out: Path, adapter: dict[str, torch.Tensor], lora: LoraConfig, tokenizer, cfg: TrainConfig,
-                   resolved: dict, summary: RunSummary) -> None:
-    """The run directory as a complete artifact: adapter (PEFT format, from whole tensors), tokenizer,
-    resolved config, metrics, loss plot, model card, and the merged model when asked."""
-    io.write_adapter(out, adapter, lora)
+def _write_run_dir(out: Path, trainee: Trainee, trained, tokenizer, cfg: TrainConfig, resolved: dict,
+                   summary: RunSummary) -> None:
+    """The run directory as a complete artifact: adapter (PEFT format, from whole tensors) or mixture,
+    tokenizer, resolved config, metrics, loss plot, model card, and the merged model when asked."""
+    trainee.write(out, trained)
     tokenizer.save_pretrained(out)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     plot_losses(out / "metrics.csv", out / "loss.png")
-    (out / "README.md").write_text(_model_card(cfg, summary))
+    (out / "README.md").write_text(_model_card(cfg, trainee, summary))
     if cfg.output.merged_model:
         from ..export import merge_to_model_dir
 
         merge_to_model_dir(out, out / "merged")
 
 
-def _model_card(cfg: TrainConfig, s: RunSummary) -> str:
+def _model_card(cfg: TrainConfig, trainee: Trainee, s: RunSummary) -> str:
     def ev(r: EvalResult | None) -> str:
         if r is None:
             return "n/a"
         em = f", exact match {r.exact_match:.1%}" if r.exact_match is not None else ""
         return f"loss {r.loss:.4f}, perplexity {r.ppl:.2f}{em}"
 
-    lora = cfg.lora
-    return f"""# LoRA adapter for {cfg.model.name_or_path}
+    kind = "LoRA adapter" if not cfg.mixture.experts else "Mixture of LoRA adapters"
+    return f"""# {kind} for {cfg.model.name_or_path}
 
 Trained with lorakit (`lorakit train`); the resolved configuration is in `config.yaml`.
 
 | | |
 |---|---|
 | base model | `{cfg.model.name_or_path}` |
-| adapter | r={lora.r}, lora_alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, targets `{lora.target_modules}`, rsLoRA={lora.use_rslora}, DoRA={lora.use_dora} |
+| trained | {trainee.describe()} |
 | data | `{cfg.data.train}` |
 | steps | {s.steps} (micro batch {cfg.training.micro_batch_size} x accumulation {cfg.training.grad_accum}), lr {cfg.training.lr}, {cfg.training.schedule} schedule |
 | eval before | {ev(s.eval_before)} |
 | eval after | {ev(s.eval_after)} |
 | throughput | {s.tokens_per_s:,.0f} tokens/s, peak memory {s.peak_memory_bytes / 2**20:,.0f} MiB |
 
-Files: `adapter_config.json` + `adapter_model.safetensors` (PEFT format), tokenizer files,
-`metrics.csv`, `loss.png`, `checkpoints/`.
+Files: {trainee.files()}, tokenizer files, `metrics.csv`, `loss.png`, `checkpoints/`.
 
 ```python
-import lorakit as lk                      # or: peft.PeftModel.from_pretrained(base, "{cfg.output.dir}")
-lk.load_adapter(base_model, "{cfg.output.dir}")
+{trainee.usage(cfg.output.dir)}
 ```
 """
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "trained_tokens", "tokens_per_s", "elapsed_s",
-           "eval_loss", "eval_ppl", "eval_exact_match"]
+           "eval_loss", "eval_ppl", "eval_exact_match", "balance_loss", "z_loss"]
 
 
 class MetricsLog:
