@@ -28,6 +28,21 @@ def test_core_demo_learns_and_round_trips(tmp_path, monkeypatch, capsys):
     assert "reloaded: max |diff| 0.0e+00" in out
 
 
+def test_composition_demo_uses_the_library_every_way(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["composition_demo.py", "--steps", "20", "--out", str(tmp_path)])
+    runpy.run_path(str(ROOT / "examples" / "composition_demo.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    line = {text.split(":")[0]: text for text in out.splitlines()}
+    assert float(line["combine cat == sum of the experts"].rsplit(" ", 1)[-1]) < 1e-4, out
+    assert (tmp_path / "ties" / "adapter_model.safetensors").is_file()
+    assert line["per-sample adapters"].endswith("every row equals that row run alone: True"), out
+    assert int(line["router"].split("%")[0].rsplit(" ", 1)[-1]) >= 90, out
+    losses = dict(pair.rsplit(" ", 1) for pair in line["held-out loss on both tasks"].split(": ", 1)[1].split(", "))
+    losses = {k: float(v) for k, v in losses.items()}
+    assert losses["mixture"] < min(losses["sentiment"], losses["parity"]), losses
+    assert losses["fusion"] < min(losses["sentiment"], losses["parity"]), losses
+
+
 def test_every_example_config_loads():
     assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "llama3_8b_alpaca.yaml", "multi_gpu_fsdp.yaml"}
     for path in CONFIGS:
