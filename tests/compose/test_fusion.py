@@ -17,6 +17,7 @@ from test_mixture import (
     base_model,
     eval_loss,
     expert_terms,
+    mixed_eval,
     mixture_args,
     randomise,
     shared_experts,
@@ -26,10 +27,12 @@ from test_mixture import (
 from tiny_models import tiny_gpt2, tiny_llama
 
 import lorakit as lk
+from lorakit.builtin.tasks import task_of
 from lorakit.compose.fusion import QK_INIT_STD, AdapterFusion
 from lorakit.compose.mixture import CONFIG_NAME, composers, load_mixture_weights
 from lorakit.inject import lora_layers
 from lorakit.train.config import load_config
+from lorakit.train.data import collate
 from lorakit.train.loop import train
 
 ATOL = 1e-6
@@ -232,7 +235,7 @@ def test_lorakit_train_fusion_learns_saves_and_loads(experts, tmp_path):
     tasks: the loss falls, the saved run loads back to the same eval loss, and the fusion beats each
     expert alone on the mixed held-out set."""
     out = tmp_path / "fusion"
-    s = train(load_config(*_split(mixture_args(experts, out, 12, "mixture.kind=fusion", "training.lr=1e-3",
+    s = train(load_config(*_split(mixture_args(experts, out, 12, "mixture.kind=fusion", "training.lr=1e-2",
                                                f"data.eval={experts / 'mixed_eval.jsonl'}"))))
     assert sum(s.losses[-3:]) < sum(s.losses[:3]) and s.eval_after.loss < s.eval_before.loss, s.losses
     meta = json.loads((out / CONFIG_NAME).read_text())
@@ -241,3 +244,17 @@ def test_lorakit_train_fusion_learns_saves_and_loads(experts, tmp_path):
     assert composers(loaded) and all(isinstance(c, AdapterFusion) for _, c in composers(loaded))
     assert eval_loss(loaded, experts) == pytest.approx(s.eval_after.loss, abs=1e-5)
     assert s.eval_after.loss < min(single_expert_losses(experts).values())
+    # it prefers the right adapter: more attention on the sentiment expert for sentiment prompts
+    # than for parity prompts (mean over the tokens of every fused layer)
+    tokenizer, examples = mixed_eval(experts)
+    records = [json.loads(line)["messages"][0]["content"]
+               for line in (experts / "mixed_eval.jsonl").read_text().splitlines()]
+    on_sentiment = {}
+    for task in ("sentiment", "parity"):
+        rows = [e for e in examples if task_of(records[int(e.source.rsplit(":", 1)[1]) - 1]) == task]
+        with torch.no_grad():
+            loaded(**{k: v for k, v in collate(rows, tokenizer.pad_token_id).items() if k != "labels"})
+        names = composers(loaded)[0][1].experts
+        on_sentiment[task] = torch.stack([c.last_attention[:, names.index("sentiment")].mean()
+                                          for _, c in composers(loaded)]).mean().item()
+    assert on_sentiment["sentiment"] > on_sentiment["parity"] + 0.05, on_sentiment
