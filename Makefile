@@ -25,8 +25,12 @@ test-all: setup
 
 bench: setup
 	$(PY) bench/bench_step.py
+	$(PY) bench/bench_train_memory.py
+	$(PY) bench/bench_qlora.py
 	$(PY) bench/bench_per_sample.py
 	$(PY) bench/bench_routing.py
+	$(PY) bench/bench_serve.py
+	$(PY) bench/bench_gpu.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench examples

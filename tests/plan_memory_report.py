@@ -38,6 +38,9 @@ CASES = {   # name: (model, data, overrides)
     "llama lora_dropout 0.1": ("llama", "padded", ["lora.lora_dropout=0.1"]),
     "gpt2 dropout 0.1 (math attention)": ("gpt2_dropout", "padded", []),
     "gpt2 checkpointing": ("gpt2", "padded", ["training.gradient_checkpointing=true"]),
+    "llama vocab 8000 (chunked loss)": ("llama_vocab", "padded", []),
+    "llama vocab 8000, full logits": ("llama_vocab", "padded", ["training.chunked_loss=false"]),
+    "llama full logits": ("llama", "padded", ["training.chunked_loss=false"]),
 }
 
 
@@ -48,11 +51,12 @@ def write_inputs(root: Path) -> Path:
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     gpt2 = dict(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids)
+    llama = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **ids)
     torch.manual_seed(0)
     models = {
-        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=256, tie_word_embeddings=False, **ids)),
+        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **llama)),
+        "llama_vocab": LlamaForCausalLM(LlamaConfig(vocab_size=8000, **llama)),   # the loss head dominates
         "gpt2": GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **gpt2)),
         "gpt2_dropout": GPT2LMHeadModel(GPT2Config(**gpt2)),   # GPT-2's own 0.1 dropouts
     }

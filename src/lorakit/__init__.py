@@ -17,7 +17,7 @@ from .compose.mixture import (
     remove_mixture,
     save_mixture,
 )
-from .compose.per_sample import per_sample_adapters
+from .compose.per_sample import StackedAdapters, per_sample_adapters
 from .compose.router import FitResult, Router
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterStateError, ConfigError, LoraError, TargetModulesError
@@ -64,6 +64,7 @@ __all__ = [
     "trainable_summary",
     "combine_adapters",
     "per_sample_adapters",
+    "StackedAdapters",
     "Router",
     "FitResult",
     "MixtureConfig",

@@ -9,6 +9,7 @@
     chat                                                interactive chat
     inspect ADAPTER_DIR                                 what a saved adapter holds
     plan CONFIG.yaml [key=value ...] | --model M        parameters, adapter size, memory, hyperparameters
+    serve --model M [--adapter NAME=DIR ...] [--adapters-dir DIR]   OpenAI-compatible multi-adapter server
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .export import merge_to_model_dir
 
     out = merge_to_model_dir(args.adapter_dir, args.out, dtype=args.dtype, base=args.base,
-                             max_shard_size=args.max_shard_size)
+                             max_shard_size=args.max_shard_size, quantize_base=args.quantize_base)
     print(f"merged model written to {out}/")
     return 0
 
@@ -132,6 +133,47 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import logging
+
+    from .serve import ServeConfig, require_extra
+
+    require_extra()   # before loading any weights
+    from .serve.server import load_server, run
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s:     %(message)s")
+    config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    loaded = load_server(args.model, args.adapter, args.adapters_dir, args.router, config,
+                         served_model_name=args.served_model_name, dtype=args.dtype, device=args.device)
+    run(loaded, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from .schema import field_docs
+    from .serve.config import ServeConfig
+
+    p.add_argument("--model", required=True, help="base model directory or hub id (lorakit/tiny-llama: the built-in)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the adapter in DIR as model NAME; repeat for more")
+    p.add_argument("--adapters-dir", metavar="DIR", help="serve every adapter subdirectory of DIR (by its name) and "
+                   "allow POST /v1/adapters to load more from inside DIR")
+    p.add_argument("--router", metavar="DIR", help="a saved Router: model 'auto' picks the adapter per request")
+    p.add_argument("--served-model-name", help="the name that means the base model (default: --model as given)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    docs = field_docs(ServeConfig)
+    for f in dataclasses.fields(ServeConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else float, default=f.default,
+                       help=f"{docs.get(f.name, '')} (default {f.default})")
+
+
 def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory or hub id (default: the first adapter's base)")
     p.add_argument("--adapter", action="append", default=[], help="adapter directory; repeat to sum several")
@@ -182,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the base model's dtype")
     p.add_argument("--base", help="base model (default: the adapter config's base_model_name_or_path)")
     p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--quantize-base", choices=["none", "nf4"],
+                   help="merge into the NF4-dequantized base a QLoRA adapter trained on (default: as the run's "
+                        "config.yaml says, else none)")
     p.set_defaults(run=cmd_merge)
 
     p = verbs.add_parser("combine", help="combine several adapters into one (linear, cat, svd, ties, dare, ...)")
@@ -224,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], help="plan for (default: cuda unless model.device is cpu)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_plan)
+
+    p = verbs.add_parser("serve", help="serve the base model and many adapters over an OpenAI-compatible HTTP API")
+    _serve_args(p)
+    p.set_defaults(run=cmd_serve)
     return parser
 
 

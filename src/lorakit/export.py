@@ -10,19 +10,28 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from .errors import LoraError
 from .inject import unload
 from .io import load_adapter, read_adapter_config
+from .quantize import dequantize_linears
 from .train.model_io import load_model, load_tokenizer
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def merge_to_model_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
-                       base: str | None = None, max_shard_size: str | int = "2GB") -> Path:
+                       base: str | None = None, max_shard_size: str | int = "2GB",
+                       quantize_base: str | None = None) -> Path:
     """Merge the adapter in `adapter_dir` into its base (from the adapter config, or `base`) in
-    fp32, cast to `dtype` (default: the base's own), and write `out_dir` atomically."""
+    fp32, cast to `dtype` (default: the base's own), and write `out_dir` atomically.
+
+    With `quantize_base="nf4"` (QLoRA) the base is first quantized to NF4 as in training and
+    dequantized, so the merged model computes what the trained 4-bit model with its adapter did
+    (merging into the original weights instead would add the quantization error back). None
+    takes `model.quantize_base` from `config.yaml` when `adapter_dir` is a `lorakit train` run
+    directory, and "none" otherwise."""
     config = read_adapter_config(adapter_dir)
     base = base or config.base_model_name_or_path
     if not base:
@@ -32,10 +41,11 @@ def merge_to_model_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLik
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise LoraError(f"{out} exists and is not empty; remove it or choose another --out")
-    model = load_model(base, dtype="fp32", device="cpu")
+    model = load_model(base, dtype="fp32", device="cpu", quantize_base=quantize_base or _run_quantize_base(adapter_dir))
     original_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else None
     load_adapter(model, adapter_dir)
     model = unload(model, merge=True)
+    dequantize_linears(model)   # 4-bit layers the adapter did not target (unload dequantized the others)
     target_dtype = _DTYPES[dtype] if dtype else (original_dtype or torch.float32)
     model.to(target_dtype)
     has_tokenizer = any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
@@ -53,3 +63,14 @@ def merge_to_model_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLik
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _run_quantize_base(adapter_dir: str | os.PathLike) -> str:
+    """How the run that wrote `adapter_dir` loaded its base (`model.quantize_base` of the run's
+    resolved `config.yaml`); "none" for an adapter directory that is not a run directory."""
+    file = Path(adapter_dir) / "config.yaml"
+    if not file.is_file():
+        return "none"
+    data = yaml.safe_load(file.read_text())
+    model = data.get("model") if isinstance(data, dict) else None
+    return str(model.get("quantize_base", "none")) if isinstance(model, dict) else "none"

@@ -47,15 +47,7 @@ def generate_text(model, tokenizer, prompt: str | None = None, messages: list[di
                   stream: TextIO | None = None) -> str:
     """Continue `prompt` (raw text) or answer `messages` (through the chat template). Temperature 0
     is greedy. With `stream`, text is written there as it is produced."""
-    if (prompt is None) == (messages is None):
-        raise LoraError("give exactly one of a prompt or chat messages")
-    if messages is not None:
-        if not tokenizer.chat_template:
-            raise LoraError("this tokenizer has no chat template; use --prompt, or a model with a chat template")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    else:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, messages)])
     if seed is not None:
         torch.manual_seed(seed)
     ids = ids.to(model.device)
@@ -67,6 +59,20 @@ def generate_text(model, tokenizer, prompt: str | None = None, messages: list[di
                              top_p=top_p if sampling else None, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, streamer=streamer)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def encode_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    """The token ids generation starts from: raw text with the tokenizer's special tokens, or chat
+    messages through the chat template (which writes its own). `lorakit serve` encodes the same way,
+    so a request equals `lorakit generate` with the same adapter."""
+    if (prompt is None) == (messages is None):
+        raise LoraError("give exactly one of a prompt or chat messages")
+    if messages is not None:
+        if not tokenizer.chat_template:
+            raise LoraError("this tokenizer has no chat template; use --prompt, or a model with a chat template")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
 
 
 class _Streamer(TextStreamer):

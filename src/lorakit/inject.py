@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .errors import AdapterStateError, ConfigError, LoraError, TargetModulesError
 from .layers import CONV_TYPES, LINEAR_TYPES, LoraLayer, ModulesToSave, make_lora_layer, rewrites_base
+from .ops import recompute
+from .quantize import dequantize_linears, is_4bit, weight_count
 
 BASE_NAME = "__base__"
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
@@ -45,6 +48,8 @@ class LoraState:
     """Adapters whose terms are added, in order."""
     frozen: list[nn.Parameter] = field(default_factory=list)
     """Base parameters lorakit set to requires_grad=False; `unload` gives them back."""
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    """The forward hooks that let adapters rebuild their inputs in backward (ops.recompute)."""
 
 
 def get_state(model: nn.Module) -> LoraState:
@@ -215,6 +220,9 @@ def _add(model: nn.Module, config: LoraConfig, name: str, *, trainable: bool, ac
             if not isinstance(_base_module(module), LINEAR_TYPES):
                 raise ConfigError(f"init_lora_weights={init!r} is for Linear layers; {module_name} is a "
                                   f"{type(_base_module(module)).__name__}: exclude it or use True / 'gaussian'")
+            if is_4bit(_base_module(module)):
+                raise ConfigError(f"init_lora_weights={init!r} rewrites the base weight, but {module_name} is 4-bit "
+                                  "(QLoRA): use True or 'gaussian', or a full-precision base")
 
     state = getattr(model, "_lorakit", None)
     if state is None:
@@ -223,6 +231,7 @@ def _add(model: nn.Module, config: LoraConfig, name: str, *, trainable: bool, ac
             if p.requires_grad:
                 p.requires_grad_(False)
                 state.frozen.append(p)
+        state.hooks = recompute.install(model)
         model._lorakit = state
 
     new_layers: list[LoraLayer] = []
@@ -380,6 +389,8 @@ def merge_adapters(model: nn.Module, names: list[str] | None = None, safe: bool 
     if inactive:
         raise AdapterStateError(f"adapters {inactive} are not active; set_active_adapters to include them before merging")
     layers = list(lora_layers(model))
+    for _, layer in layers:   # a 4-bit base refuses before anything is merged
+        layer.check_mergeable(names)
     if safe:
         for module_name, layer in layers:
             new_w, new_b, _ = layer.merged_weights(names)
@@ -424,9 +435,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Return the plain model with every wrapper removed. With `merge`, the active adapters (and
-    their `modules_to_save` copies) are folded in first; without it, the base comes back."""
+    their `modules_to_save` copies) are folded in first; without it, the base comes back.
+
+    A 4-bit (QLoRA) base cannot hold a merge, so with `merge` every 4-bit linear of the model is
+    first dequantized to a plain `nn.Linear` (or `Conv1D`) in its original dtype (see lorakit.quantize)."""
     state = get_state(model)
     if merge:
+        if any(is_4bit(layer.base_layer) for _, layer in lora_layers(model)):
+            dequantize_linears(model)
         merge_adapters(model)
     else:
         unmerge_adapters(model)
@@ -443,6 +459,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 def _release(model: nn.Module, state: LoraState) -> None:
     for p in state.frozen:
         p.requires_grad_(True)
+    for hook in state.hooks:
+        hook.remove()
     del model._lorakit
 
 
@@ -450,10 +468,11 @@ def _release(model: nn.Module, state: LoraState) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared tensor counted once (PEFT's numbers)."""
+    """(trainable, total) parameter counts, each shared tensor counted once, a 4-bit weight as the
+    weights it stands for (PEFT's numbers)."""
     trainable = total = 0
     for p in model.parameters():  # parameters() yields each shared tensor once
-        total += p.numel()
+        total += weight_count(p)
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from .errors import AdapterStateError, ConfigError, TargetModulesError
 from .ops import lora_linear_
+from .ops.recompute import find_recipe, record_factor
+from .quantize import dequantize_weight, is_4bit
 
 try:  # transformers' GPT-2 style linear with a (d_in, d_out) weight
     from transformers.pytorch_utils import Conv1D
@@ -129,7 +131,7 @@ class LoraLayer(_Wrapper):
         """What merging `names` (in order, skipping merged ones) would write: the new weight, the new
         bias (None if unchanged) and each DoRA adapter's row factor. Computed in float32 at least;
         nothing is modified."""
-        weight, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        weight, bias = self.base_weight(), getattr(self.base_layer, "bias", None)
         work = torch.promote_types(weight.dtype, torch.float32)
         new_w, new_b, factors = weight.detach().to(work), None, {}
         for name in names:
@@ -144,11 +146,31 @@ class LoraLayer(_Wrapper):
                     self.scaling[name] * self._lora_b_bias(name).detach().to(work)
         return new_w, new_b, factors
 
+    def base_weight(self) -> Tensor:
+        """The base weight in its storage layout; a 4-bit base's dequantized (see lorakit.quantize),
+        in the (d_in, d_out) layout of the `Conv1D` it was quantized from, if it was one."""
+        base = self.base_layer
+        if not is_4bit(base):
+            return base.weight
+        w = dequantize_weight(base)                                    # (d_out, d_in)
+        return w.t() if getattr(base, "from_conv1d", False) else w
+
+    def check_mergeable(self, names: list[str]) -> None:
+        """A 4-bit base weight cannot hold a merge (requantizing W + sBA would round most of the
+        update away; PEFT does it with a warning): refuse, and say how to merge instead."""
+        if is_4bit(self.base_layer) and any(n in self.r and n not in self.merged_adapters for n in names):
+            raise AdapterStateError(
+                f"cannot merge into the 4-bit NF4 weight of {self.module_name}: requantizing W + s*B@A would round "
+                "most of the update away. lorakit.unload(model, merge=True) dequantizes the base and merges there "
+                "(or call lorakit.quantize.dequantize_linears(model) before merge_adapters)"
+            )
+
     def merge(self, names: list[str]) -> None:
         """Fold adapters into the base weight, in order. Already merged ones are skipped."""
         names = [n for n in names if n in self.r and n not in self.merged_adapters]
         if not names:
             return
+        self.check_mergeable(names)
         new_w, new_b, factors = self.merged_weights(names)
         with torch.no_grad():
             self.base_layer.weight.copy_(new_w)
@@ -191,13 +213,18 @@ class LoraLayer(_Wrapper):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA around `nn.Linear` or transformers' `Conv1D` (weight stored as (d_in, d_out))."""
+    """LoRA around `nn.Linear`, transformers' `Conv1D` (weight stored as (d_in, d_out)) or a
+    bitsandbytes 4-bit `Linear4bit` (QLoRA: its forward dequantizes, the adapter term adds on top;
+    merging needs a dequantized base, see `check_mergeable`)."""
 
     def __init__(self, base_layer: nn.Module, module_name: str, fan_in_fan_out: bool) -> None:
         super().__init__(base_layer, module_name)
         self.fan_in_fan_out = fan_in_fan_out
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        if is_4bit(base_layer):   # its weight holds packed codes; the layer keeps the shape
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            w = base_layer.weight
+            self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -212,7 +239,7 @@ class LoraLinear(LoraLayer):
         if lora_bias and use_dora:
             raise ConfigError(f"lora_bias=True cannot be combined with use_dora ({self.module_name})")
         self._record(name, r, alpha, dropout, use_rslora, use_dora, lora_bias)
-        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        kw = {"device": base.weight.device, "dtype": dtype or self.base_weight().dtype}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)   # weight (r, d_in)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)  # weight (d_out, r)
         self._init(name, True if rewrites_base(init) else init)
@@ -256,8 +283,8 @@ class LoraLinear(LoraLayer):
                 B.zero_()
 
     def _weight_oi(self) -> Tensor:
-        """The base weight as (d_out, d_in), whatever its storage layout."""
-        w = self.base_layer.weight
+        """The base weight as (d_out, d_in), whatever its storage layout (dequantized if 4-bit)."""
+        w = self.base_weight()
         return w.t() if self.fan_in_fan_out else w
 
     def _set_residual(self, name: str, w_oi: Tensor) -> None:
@@ -317,6 +344,11 @@ class LoraLinear(LoraLayer):
         names = self._terms_to_add()
         if not names:
             return result
+        if result._base is not None and is_4bit(self.base_layer):
+            # bitsandbytes' 4-bit matmul with a bias returns a view of its own output; autograd
+            # forbids adding into it in place, so the adapter terms get their own copy
+            result = result.clone()
+        recipe = find_recipe(x) if self.training else None   # rebuild x in backward instead of keeping it
         base_out = None
         if any(self.use_dora[n] for n in names):
             bias = getattr(self.base_layer, "bias", None)
@@ -330,7 +362,9 @@ class LoraLinear(LoraLayer):
                 result = result + self._dora_term(x, name, p, base_out)
             else:
                 B = self.lora_B[name]
-                result = lora_linear_(result, x, self.lora_A[name].weight, B.weight, B.bias, self.scaling[name], p)
+                result = lora_linear_(result, x, self.lora_A[name].weight, B.weight, B.bias, self.scaling[name], p,
+                                      recipe)
+        record_factor(result)   # down_proj may read it, as a factor of the MLP product
         return result
 
     def _dora_term(self, x: Tensor, name: str, p: float, base_out: Tensor) -> Tensor:
@@ -513,8 +547,9 @@ class ModulesToSave(_Wrapper):
 
 def make_lora_layer(module: nn.Module, module_name: str) -> LoraLayer:
     """Wrap a supported base module, or say which types are supported. The weight layout
-    (`fan_in_fan_out`) follows the module type, as PEFT corrects it: Conv1D is (d_in, d_out)."""
-    if Conv1D is not None and isinstance(module, Conv1D):
+    (`fan_in_fan_out`) follows the module type, as PEFT corrects it: Conv1D is (d_in, d_out), and so
+    is a 4-bit layer quantized from one (lorakit.quantize), so its adapter config is unchanged."""
+    if (Conv1D is not None and isinstance(module, Conv1D)) or getattr(module, "from_conv1d", False):
         return LoraLinear(module, module_name, fan_in_fan_out=True)
     if isinstance(module, nn.Linear):
         return LoraLinear(module, module_name, fan_in_fan_out=False)

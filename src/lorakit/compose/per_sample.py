@@ -25,6 +25,9 @@ layouts, whichever copies fewer rows (both give the same sums):
     read each adapter's factors in place; "__base__" rows are not computed at all:
         h = bmm(x[rows], A_stack[1:])        (K, G*M, d_in) -> (K, G*M, R)
         out[rows] += bmm(h, B_stack[1:])                         (K, G*M, d_out)
+    When the groups are the batch's rows in order (one adapter for every row, or rows sorted by
+    adapter in equal numbers), x[rows] is a view of x and the sum goes into `out` in place: no
+    copy at all, so this layout is then taken whatever the number of tokens.
 
 Embeddings look the ids up in each row's (or group's) own table: h = A_stack[slot, ids].
 
@@ -34,6 +37,14 @@ consecutive groups of k share an adapter. The composer therefore accepts any lea
 a multiple of n and views it as (n, k*M, ...): row group i keeps adapter i with no index to
 expand and no extra gather. The same view covers layers that see tokens flattened to
 (n*T, d_in). Any other batch size is an error, not a guess.
+
+A server keeps its adapter library loaded and sees a new mix of rows at every step: re-stacking
+every adapter on each entry would copy all their factors each time. `StackedAdapters(model, names)`
+stacks them once (slot k+1 = names[k] in every layer that holds it) and `stacks.rows(row_names)`
+installs composers over those stacks: entering builds, per distinct set of adapters a layer holds,
+one plan of the rows' slots and groups, which all such layers share. A batch that uses a subset of
+the stacked adapters reads their factors in place when their slots are consecutive and gathers them
+(K_batch factor copies) otherwise.
 
 Inference only: the stacks are a snapshot of the weights taken on entry (detached), so no
 gradient reaches the adapters and a change to their weights inside the block is not seen. A layer
@@ -47,6 +58,7 @@ original module. The model's active adapters play no part inside the block.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Iterator, Sequence
 
@@ -65,20 +77,28 @@ class _RowComposer:
     row gets the base output."""
 
     def __init__(self, slots: Tensor, A: Tensor | None = None, B: Tensor | None = None, bias: Tensor | None = None,
-                 groups: list[list[int]] | None = None) -> None:
+                 groups: list[list[int]] | None = None, group_slots: list[int] | None = None) -> None:
         self.n = len(slots)
         self.slots = slots      # (n,) slot of each name, 0 = no adapter
         self.A = A              # (K+1, d_in, R) or, for embeddings, (K+1, vocab, R)
         self.B = B              # (K+1, R, d_out), scaling folded in
         self.bias = bias        # (K+1, d_out), scaling folded in; None without lora_bias
-        if groups:              # groups[k-1]: the rows of slot k
+        if groups:              # groups[k]: the rows of slot group_slots[k] (default k + 1)
             G, device = max(map(len, groups)), slots.device
+            group_slots = group_slots or list(range(1, len(groups) + 1))
             # short groups repeat their first row; what those compute is dropped (`keep`)
             self.rows = torch.tensor([g + g[:1] * (G - len(g)) for g in groups], device=device)       # (K, G)
-            self.group_slots = torch.arange(1, len(groups) + 1, device=device)                        # (K,)
+            self.group_slots = torch.tensor(group_slots, device=device)                                # (K,)
+            # the groups' factors: a view when their slots are consecutive, else a gather
+            first = group_slots[0]
+            consecutive = group_slots == list(range(first, first + len(group_slots)))
+            self.group_factors = slice(first, first + len(group_slots)) if consecutive else self.group_slots
             self.keep = None if all(len(g) == G for g in groups) else \
                 torch.tensor([j < len(g) for g in groups for j in range(G)], device=device)           # (K*G,)
             self.kept_rows = torch.tensor([i for g in groups for i in g], device=device)             # (<=n,)
+            # groups that are consecutive runs of rows covering the batch (one adapter for all rows, or
+            # rows sorted by adapter in equal numbers): the grouped x is a view and the sum is in place
+            self.in_order = self.keep is None and [i for g in groups for i in g] == list(range(self.n))
 
     def __call__(self, layer: LoraLayer, x: Tensor, base_out: Tensor) -> Tensor:
         if layer.training:
@@ -107,8 +127,9 @@ class _RowComposer:
 
     def per_adapter(self, tokens: int) -> bool:
         """Group rows by adapter when that copies fewer rows (of x) than gathering each row's
-        factors does (rows of A^T and B): decoding, where a row brings one token or a few."""
-        return self.rows.numel() * tokens <= self.n * self.A.shape[-1]
+        factors does (rows of A^T and B): decoding, where a row brings one token or a few; and
+        always when the groups are the batch in order, which copies nothing."""
+        return self.in_order or self.rows.numel() * tokens <= self.n * self.A.shape[-1]
 
     def _per_row(self, layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
         n, tokens, dtype = self.n, out.shape[1], out.dtype
@@ -124,14 +145,20 @@ class _RowComposer:
             ids = x.reshape(self.n, tokens)[self.rows]                             # (K, G, M)
             h = self.A[self.group_slots[:, None, None], ids].reshape(K, G * tokens, -1)   # (K, G*M, R)
         else:
-            xg = x.reshape(self.n, tokens, -1)[self.rows].reshape(K, G * tokens, -1)      # (K, G*M, d_in)
-            h = torch.bmm(xg.to(dtype), self.A[1:].to(dtype))                       # (K, G*M, R)
-        y = torch.bmm(h.to(dtype), self.B[1:].to(dtype)).reshape(K * G, tokens, -1)       # (K*G, M, d_out)
+            xs = x.reshape(self.n, tokens, -1)                                       # (n, M, d_in)
+            xg = (xs if self.in_order else xs[self.rows]).reshape(K, G * tokens, -1)       # (K, G*M, d_in)
+            h = torch.bmm(xg.to(dtype), self.A[self.group_factors].to(dtype))       # (K, G*M, R)
+        B = self.B[self.group_factors].to(dtype)                                   # (K, R, d_out)
+        if self.in_order:
+            out.view(K, G * tokens, -1).baddbmm_(h.to(dtype), B)                     # (K, G*M, d_out)
+            return out
+        y = torch.bmm(h.to(dtype), B).reshape(K * G, tokens, -1)                    # (K*G, M, d_out)
         return out.index_add_(0, self.kept_rows, y if self.keep is None else y[self.keep])
 
 
-def _stack(layer: LoraLayer, present: list[str], slots: Tensor, groups: list[list[int]]) -> _RowComposer:
-    """Stack the factors of `present` (the named adapters this layer holds) behind a zero slot.
+def _stack_factors(layer: LoraLayer, present: list[str]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Stack the factors of `present` (the named adapters this layer holds) behind a zero slot:
+    A (K+1, d_in, R), B (K+1, R, d_out) and bias (K+1, d_out) or None, scaling folded into B and bias.
     One `torch.stack` per factor over the rank-padded factors: no large zero-filled buffer is written
     piecewise (a parallel fill of a fresh buffer is what makes entry slow on a busy CPU)."""
     if isinstance(layer, LoraEmbedding):
@@ -161,7 +188,7 @@ def _stack(layer: LoraLayer, present: list[str], slots: Tensor, groups: list[lis
             zero = first.new_zeros(d_out, dtype=dtype)
             bias = torch.stack([zero] + [bias_of.get(a, zero).to(dtype) for a in present])          # (K+1, d_out)
             bias.mul_(scales[:, None])
-    return _RowComposer(slots, A, B.transpose(1, 2), bias, groups)
+    return A, B.transpose(1, 2), bias
 
 
 def _composer_for(layer: LoraLayer, names: list[str], rows_of: dict[str, list[int]]) -> _RowComposer:
@@ -172,6 +199,12 @@ def _composer_for(layer: LoraLayer, names: list[str], rows_of: dict[str, list[in
     slots = torch.tensor([slot_of.get(a, 0) for a in names], dtype=torch.long, device=device)   # (n,)
     if not present:
         return _RowComposer(slots)
+    _check_layer(layer, present)
+    return _RowComposer(slots, *_stack_factors(layer, present), [rows_of[a] for a in present])
+
+
+def _check_layer(layer: LoraLayer, present: list[str]) -> None:
+    """Refuse what the composer cannot run: conv layers, DoRA, embeddings with max_norm."""
     if isinstance(layer, LoraConv):
         raise AdapterStateError(f"per_sample_adapters does not support conv layers; {layer.module_name} holds "
                                 f"{present}. Use set_active_adapters and one batch per adapter instead")
@@ -182,7 +215,6 @@ def _composer_for(layer: LoraLayer, names: list[str], rows_of: dict[str, list[in
     if isinstance(layer, LoraEmbedding) and layer.base_layer.max_norm is not None:
         raise AdapterStateError(f"per_sample_adapters does not support embeddings with max_norm "
                                 f"({layer.module_name}); use set_active_adapters and one batch per adapter instead")
-    return _stack(layer, present, slots, [rows_of[a] for a in present])
 
 
 @contextlib.contextmanager
@@ -195,15 +227,98 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     Raises LoraError if `names` is not a non-empty list of strings, AdapterStateError for an
     unknown name, merged adapters, or an adapter the composer cannot run (see the module doc).
     """
+    names = _check_names(names)
+    named = [a for a in dict.fromkeys(names) if a != BASE_NAME]
+    _check_known(get_state(model), named)
+    layers, saved = _checked_modules(model, named)
+    rows_of = _rows_of(names, named)
+    composers = [_composer_for(layer, names, rows_of) for layer in layers]   # every check before any change
+    with _installed(model, layers, composers, saved):
+        yield model
+
+
+class StackedAdapters:
+    """The factors of a fixed list of adapters, stacked once per layer and reused by any number of
+    batches: what a server that keeps its adapter library loaded needs, where `per_sample_adapters`
+    would stack every adapter named again on each entry (a copy of their factors each time).
+
+    `rows(names)` is then `per_sample_adapters` without the stacking: entering it builds one plan
+    of which rows use which adapter per distinct set of adapters a layer holds (usually one set
+    for the whole model), and each layer's composer shares that plan. The stacks are a snapshot:
+    build a new `StackedAdapters` after adapters are added, deleted or changed. They hold a second
+    copy of the adapters' factors, ranks zero-padded to each layer's largest."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        names = list(names)
+        if len(set(names)) != len(names) or BASE_NAME in names:
+            raise LoraError(f"StackedAdapters needs distinct adapter names (not {BASE_NAME!r}), got {names}")
+        self.model = model
+        self.names = names
+        if names:
+            _check_known(get_state(model), names)
+        # every adapter layer gets a composer, so adapters left out of the stacks stay out (the
+        # model's active adapters play no part), as in `per_sample_adapters`
+        has_adapters = getattr(model, "_lorakit", None) is not None
+        self._layers, self._saved = _checked_modules(model, names) if has_adapters else ([], [])
+        self._stacks: list[tuple[tuple[str, ...], tuple[Tensor, Tensor, Tensor | None] | None]] = []
+        for layer in self._layers:
+            present = [a for a in names if a in layer.r]
+            if present:
+                _check_layer(layer, present)
+            self._stacks.append((tuple(present), _stack_factors(layer, present) if present else None))
+
+    @contextlib.contextmanager
+    def rows(self, names: Sequence[str]) -> Iterator[nn.Module]:
+        """Within the block, batch row i runs under adapter `names[i]` ("__base__": none); the
+        names must be among the stacked ones. Same contract as `per_sample_adapters`."""
+        names = _check_names(names)
+        named = [a for a in dict.fromkeys(names) if a != BASE_NAME]
+        unknown = [a for a in named if a not in self.names]
+        if unknown:
+            raise AdapterStateError(f"adapters {unknown} are not stacked; stacked adapters: {self.names}")
+        rows_of = _rows_of(names, named)
+        plans: dict[tuple, tuple[_RowComposer, bool]] = {}   # (adapters held, device) -> (plan, any row uses one)
+        composers = []
+        for layer, (present, factors) in zip(self._layers, self._stacks, strict=True):
+            device = layer.base_layer.weight.device
+            if (present, device) not in plans:
+                slot_of = {a: k for k, a in enumerate(present, start=1)}
+                slots = torch.tensor([slot_of.get(a, 0) for a in names], dtype=torch.long, device=device)   # (n,)
+                used = [(slot_of[a], rows_of[a]) for a in named if a in slot_of]
+                plans[(present, device)] = (_RowComposer(slots, groups=[g for _, g in used],
+                                                         group_slots=[k for k, _ in used]), bool(used))
+            plan, used_here = plans[(present, device)]
+            if not used_here:   # the plan has no factors: every row gets the base output here
+                composers.append(plan)
+                continue
+            composer = copy.copy(plan)   # the plan's row tensors are shared, the factors are this layer's
+            composer.A, composer.B, composer.bias = factors
+            composers.append(composer)
+        with _installed(self.model, self._layers, composers, self._saved):
+            yield self.model
+
+
+def _check_names(names: Sequence[str]) -> list[str]:
     if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(a, str) for a in names):
         raise LoraError(f"per_sample_adapters needs a list with one adapter name per batch row (or {BASE_NAME!r}), "
                         f"got {names!r}")
-    names = list(names)
     if not names:
         raise LoraError("per_sample_adapters needs at least one adapter name (one per batch row)")
-    state = get_state(model)
-    named = [a for a in dict.fromkeys(names) if a != BASE_NAME]
-    _check_known(state, named)
+    return list(names)
+
+
+def _rows_of(names: list[str], named: list[str]) -> dict[str, list[int]]:
+    """The batch rows of each named adapter, in order."""
+    rows_of: dict[str, list[int]] = {a: [] for a in named}
+    for i, a in enumerate(names):
+        if a != BASE_NAME:
+            rows_of[a].append(i)
+    return rows_of
+
+
+def _checked_modules(model: nn.Module, named: list[str]) -> tuple[list[LoraLayer], list[ModulesToSave]]:
+    """The model's adapter layers and modules_to_save wrappers, after refusing merged adapters and
+    named adapters with modules_to_save copies."""
     modules = [m for _, m in wrappers(model)]   # one walk over the model's modules (many, with many adapters)
     layers = [m for m in modules if isinstance(m, LoraLayer)]
     saved = [m for m in modules if isinstance(m, ModulesToSave)]
@@ -215,11 +330,12 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     if copies:
         raise AdapterStateError(f"adapters {copies} have modules_to_save copies, which per_sample_adapters cannot "
                                 "switch per row; batch their rows separately with set_active_adapters")
-    rows_of: dict[str, list[int]] = {a: [] for a in named}
-    for i, a in enumerate(names):
-        if a != BASE_NAME:
-            rows_of[a].append(i)
-    composers = [_composer_for(layer, names, rows_of) for layer in layers]   # every check before any change
+    return layers, saved
+
+
+@contextlib.contextmanager
+def _installed(model: nn.Module, layers: list[LoraLayer], composers: list[_RowComposer],
+               saved: list[ModulesToSave]) -> Iterator[nn.Module]:
     previous = [layer.composer for layer in layers]
     previous_saved = [m.disabled for m in saved]
     try:

@@ -6,12 +6,21 @@ Why a custom autograd function: the plain composition (`lora_B(lora_A(dropout(x)
 dropout copy of every adapted layer's input for backward, and allocates a fresh output to add.
 Here backward keeps only what it needs:
   - x itself, for the gradient of A (a frozen base linear does not keep its input, so this is
-    the one activation the adapter costs; PEFT keeps the same tensor);
+    the one activation the adapter costs; PEFT keeps the same tensor), or, where x is one cheap
+    op away from tensors other backward nodes keep anyway (a norm's output, the MLP product), a
+    `recompute.Recipe` that rebuilds it from those: then the adapter costs no activation of its
+    own but h (see ops/recompute.py);
   - h = dropout(x) @ A^T, shape (N, r): tiny;
   - the dropout mask as a seed: backward regenerates it once, for both grad_A and grad_x,
     instead of storing a dropout copy of x.
 The seed is drawn from torch's global CPU generator, so a seeded run is reproducible and
 activation checkpointing (which restores the RNG state on recompute) sees the same mask.
+
+Under `torch.compile` neither a Python int seed (`.item()` breaks the graph) nor a seeded
+`torch.Generator` (an object dynamo cannot create in a graph) is available, so there the mask is
+drawn in the graph from torch's random stream and kept for backward as a bool tensor: N x d_in
+bytes per adapted layer with dropout, the one thing the compiled path stores that the eager one
+does not. Without dropout both paths store the same tensors.
 
 Computation runs in the dtype of the base output (e.g. bf16 under autocast); the small adapter
 weights are cast to it, never the large input to theirs. Gradients come back in each
@@ -22,6 +31,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .recompute import Recipe
 
 
 def _mask(shape: torch.Size, dtype: torch.dtype, device: torch.device, p: float,
@@ -36,26 +47,47 @@ def _mask(shape: torch.Size, dtype: torch.dtype, device: torch.device, p: float,
     return torch.rand(shape, generator=gen, dtype=dtype, device=device).ge_(p).div_(1.0 - p)
 
 
+def _multiplier(shape: torch.Size, dtype: torch.dtype, device: torch.device, p: float, seed: int,
+                keep: Tensor | None) -> Tensor:
+    """The dropout multiplier (N, d_in): from the kept mask when there is one, else from the seed."""
+    if keep is None:
+        return _mask(shape, dtype, device, p, seed)
+    return keep.reshape(shape).to(dtype).div_(1.0 - p)
+
+
+def _add_term(out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scaling: float, p: float,
+              seed: int, keep: Tensor | None) -> Tensor:
+    """The forward: add the LoRA term into `out`; returns h = dropout(x) @ A^T for backward.
+    keep: under torch.compile, the dropout mask drawn in the graph (bool, x's shape); else None."""
+    dtype = out.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)                    # (N, d_in)
+    xd = x2 * _multiplier(x2.shape, dtype, x2.device, p, seed, keep) if p > 0 else x2
+    h = xd @ A.to(dtype).t()                                      # (N, r)
+    out2 = out.view(-1, out.shape[-1])                            # (N, d_out)
+    out2.addmm_(h, B.to(dtype).t(), alpha=scaling)
+    if bias is not None:
+        out2.add_(bias.to(dtype), alpha=scaling)
+    return h
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None,
-                scaling: float, p: float, seed: int) -> Tensor:
-        dtype = out.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)                # (N, d_in)
-        xd = x2 * _mask(x2.shape, dtype, x2.device, p, seed) if p > 0 else x2
-        h = xd @ A.to(dtype).t()                                  # (N, r)
-        out2 = out.view(-1, out.shape[-1])                        # (N, d_out)
-        out2.addmm_(h, B.to(dtype).t(), alpha=scaling)
-        if bias is not None:
-            out2.add_(bias.to(dtype), alpha=scaling)
+                scaling: float, p: float, seed: int, keep: Tensor | None = None,
+                recipe: Recipe | None = None) -> Tensor:
+        h = _add_term(out, x, A, B, bias, scaling, p, seed, keep)
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, A, B, h)
+        # x itself, or the tensors its recipe rebuilds it from (kept by other nodes anyway)
+        xs = recipe.inputs if recipe is not None else (x,)
+        ctx.save_for_backward(A, B, h, keep, *xs)
+        ctx.rebuild = recipe.rebuild() if recipe is not None else None
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.scaling, ctx.p, ctx.seed, ctx.has_bias = scaling, p, seed, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, A, B, h = ctx.saved_tensors
+        A, B, h, keep, *xs = ctx.saved_tensors
         s, p, seed = ctx.scaling, ctx.p, ctx.seed
         dtype = grad_out.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1])              # (N, d_out)
@@ -67,8 +99,9 @@ class _LoraLinear(torch.autograd.Function):
             grad_bias = (g.sum(0) * s).to(B.dtype)                 # (d_out,)
         if need_x or need_A:
             gh = (g @ B.to(dtype)).mul_(s)                         # (N, r)
-            mask = _mask(gh.shape[:1] + A.shape[1:], dtype, gh.device, p, seed) if p > 0 else None
+            mask = _multiplier(gh.shape[:1] + A.shape[1:], dtype, gh.device, p, seed, keep) if p > 0 else None
             if need_A:
+                x = ctx.rebuild(*xs) if ctx.rebuild is not None else xs[0]
                 x2 = x.reshape(-1, x.shape[-1]).to(dtype)
                 xd = x2 * mask if mask is not None else x2         # (N, d_in)
                 grad_A = (gh.t() @ xd).to(A.dtype)                 # (r, d_in)
@@ -76,18 +109,30 @@ class _LoraLinear(torch.autograd.Function):
                 gx = gh @ A.to(dtype)                              # (N, d_in)
                 if mask is not None:
                     gx.mul_(mask)                                  # d dropout(x)/dx = mask
-                grad_x = gx.view(x.shape).to(x.dtype)
-        return grad_out, grad_x, grad_A, grad_B, grad_bias, None, None, None
+                grad_x = gx.view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_out, grad_x, grad_A, grad_B, grad_bias, None, None, None, None, None
 
 
 def lora_linear_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None,
-                 scaling: float, dropout: float) -> Tensor:
+                 scaling: float, dropout: float, recipe: Recipe | None = None) -> Tensor:
     """Add the LoRA term into `out` in place and return it (see the module docstring).
 
     `out` must be the contiguous, freshly computed base output (the base layer's backward must
     not need it, true of linear layers). `dropout` is the probability in effect now (0 in eval).
+    `recipe`: how backward can rebuild x instead of keeping it (`recompute.find_recipe(x)`);
+    the compiled path keeps x.
     """
-    if not out.is_contiguous():
+    if torch.compiler.is_compiling():   # see the module docstring
+        # a fresh tensor, not a view (F.linear with a bias returns a view of its 2-D result): AOTAutograd
+        # mis-derives the backward of an in-place autograd.Function on a view. The graph is made
+        # functional anyway, so the in-place add saved no memory there.
+        out = out.clone(memory_format=torch.contiguous_format)
+        keep = torch.rand(x.shape, device=x.device) >= dropout if dropout > 0 else None   # (..., d_in)
+        if not torch.is_grad_enabled():   # dynamo inlines a Function's forward then, and mark_dirty breaks the graph
+            _add_term(out, x, A, B, bias, scaling, dropout, 0, keep)
+            return out
+        return _LoraLinear.apply(out, x, A, B, bias, scaling, dropout, 0, keep)
+    elif not out.is_contiguous():
         out = out.contiguous()
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
-    return _LoraLinear.apply(out, x, A, B, bias, scaling, dropout, seed)
+    return _LoraLinear.apply(out, x, A, B, bias, scaling, dropout, seed, None, recipe)

@@ -122,7 +122,8 @@ def make_plan(cfg: TrainConfig, *, model: str | None = None, memory: int | None 
     weights = weights_of(meta)
     attention = cfg.model.attn_implementation
     workload = Workload(cfg.training.micro_batch_size, cfg.data.max_seq_len, weight_bytes, compute_bytes, device,
-                        attention, masked=padded and attention != "flash_attention_2")
+                        attention, masked=padded and attention != "flash_attention_2",
+                        chunked_loss=cfg.training.chunked_loss)
     estimates = [estimate(m, gc, arch, workload, weights, train) for m in METHODS for gc in (False, True)]
 
     fits: list[Fit] = []
@@ -147,7 +148,8 @@ def make_plan(cfg: TrainConfig, *, model: str | None = None, memory: int | None 
     if not exact:
         notes.append(f"activation memory uses the Llama layer layout: {config.model_type} layers are not modelled "
                      "exactly, so those figures are approximate")
-    notes.append("lorakit trains LoRA; the QLoRA (bitsandbytes NF4) and full fine-tuning columns are for comparison")
+    notes.append("lorakit trains LoRA, and QLoRA with model.quantize_base: nf4 (bitsandbytes NF4); the full "
+                 "fine-tuning column is for comparison")
     return Plan(source, config.model_type, exact, workload, cfg.training.gradient_checkpointing, params, estimates,
                 memory, budget, fits, data, suggestions(cfg, data, task), warnings, notes)
 

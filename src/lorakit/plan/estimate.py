@@ -12,7 +12,10 @@
   op by op for the transformers implementation (below), at N = micro batch x sequence tokens.
 - Loss head: the logits in the compute dtype and, in `lorakit.train.loss.loss_sum`, the shifted
   logits flattened to fp32 and their log-softmax; in backward the log-softmax output, its gradient
-  and the gradient of its input (3 x N x vocab x 4 bytes, usually the larger).
+  and the gradient of its input (3 x N x vocab x 4 bytes, usually the larger). With
+  `training.chunked_loss` (lorakit.ops.chunked_ce) no full logits exist: the copy of the labelled
+  rows of the head's input the loss keeps (N x hidden x cd), plus one chunk's logits in fp32 (and
+  in the compute dtype first, under bf16) with the softmax's fp32 temporary.
 - Recompute: with gradient checkpointing the stored activations are each layer's input, and the
   backward of a layer first recomputes that layer; without, the backward of a layer only adds
   transient gradients. The loss head is freed before the first layer's backward, so the peak
@@ -23,6 +26,10 @@ bytes; measured with `saved_tensors_hooks` on transformers 5, sdpa; a frozen lin
 
     RMSNorm (x2)        its fp32 input and 1/rms                       N (4h + 4)    when gradients flow
     q/k/v/gate/up/down  the input of each adapted group                N h cd, N I cd (down)
+                        unless the adapters rebuild it in backward (lorakit.ops.recompute): the
+                        norm outputs from the norm's kept input (when gradients flow into the
+                        norm and it keeps that very tensor: fp32 weights, or LayerNorm), the MLP
+                        product from its kept factors (when gradients flow and gate/up are adapted)
     each adapter        x A^T                                          N r cd
     attention           q, k, v after rope, the output, log-sum-exp    N (2 q + 2 kv) cd + B heads T 4
       with a mask (padded or packed rows), sdpa gets repeat_kv copies (kv -> q) and a B T T mask
@@ -38,6 +45,8 @@ architectures use the Llama layer (marked approximate).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ..ops.chunked_ce import default_chunk_rows
 
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 FULL_FT_BYTES = 16
@@ -120,6 +129,8 @@ class Workload:
     """transformers attn_implementation: sdpa, eager or flash_attention_2."""
     masked: bool = True
     """Rows are padded or packed, so sdpa gets an attention mask."""
+    chunked_loss: bool = False
+    """The loss comes from the head's input a chunk of rows at a time (training.chunked_loss)."""
 
 
 @dataclass
@@ -193,9 +204,16 @@ def _norm(a: Arch, n: int) -> int:
     return n * (a.hidden * 4 + (8 if a.family == "gpt2" else 4))
 
 
-def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool) -> tuple[int, bool]:
-    """Bytes one decoder layer stores for backward, and whether gradients flow out of it.
-    `ad` None is full fine-tuning; `grad`: gradients flow into the layer's input."""
+def _rebuilt_norm_output(a: Arch, w: Workload, grad: bool) -> bool:
+    """Adapters reading a norm's output rebuild it in backward from the input the norm keeps."""
+    return grad and (w.weight_bytes == 4 or a.family == "gpt2")
+
+
+def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool) -> tuple[int, bool, int]:
+    """Bytes one decoder layer stores for backward, whether gradients flow out of it, and the
+    bytes its backward rebuilds for a while (the MLP's input, from its kept factors or its
+    activation's input: with GPT-2's gelu, two temporaries of that size). `ad` None is full
+    fine-tuning; `grad`: gradients flow into the layer's input."""
     n, cd = w.batch * w.seq, w.compute_bytes
     full = ad is None
     ad = ad or LayerAdapters()
@@ -205,7 +223,7 @@ def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool) -> tuple[
     if grad:
         keep += _norm(a, n)
     keep += norm_out
-    if ad.qkv or full:
+    if full or (ad.qkv and not _rebuilt_norm_output(a, w, grad)):
         keep += n * a.hidden * cd
     grad = grad or bool(ad.qkv)
     if grad:
@@ -218,17 +236,19 @@ def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool) -> tuple[
     if grad:
         keep += _norm(a, n)
     keep += norm_out
-    if ad.up or full:
+    if full or (ad.up and not _rebuilt_norm_output(a, w, grad)):
         keep += n * a.hidden * cd
     grad = grad or bool(ad.up)
     if grad:
         keep += a.act_saved * n * a.intermediate * cd
-    if ad.down or full:
+    rebuilt_mlp = grad and (a.family == "gpt2" or bool(ad.up))   # from the activation's kept input / factors
+    if full or (ad.down and not rebuilt_mlp):
         keep += n * a.intermediate * cd
+    rebuilt = n * a.intermediate * cd * (2 if a.family == "gpt2" else 1) if ad.down and rebuilt_mlp else 0
     grad = grad or bool(ad.down)
     if grad and a.resid_dropout > 0:
         keep += n * a.hidden * _mask_bytes(w)
-    return keep, grad
+    return keep, grad, rebuilt
 
 
 def activations(a: Arch, w: Workload, train: Trainables | None, checkpointing: bool) -> tuple[int, int]:
@@ -246,10 +266,11 @@ def activations(a: Arch, w: Workload, train: Trainables | None, checkpointing: b
     elif train.embedding:
         keep += indices + sum(n * r * cd for r in train.embedding)
     layers = [None] * a.layers if full else list(train.layers)
-    per_layer = []
+    per_layer, rebuilt = [], 0
     for ad in layers:
-        stored, grad = _layer(a, w, ad, grad)
+        stored, grad, rebuilt_here = _layer(a, w, ad, grad)
         per_layer.append(stored)
+        rebuilt = max(rebuilt, rebuilt_here)
     head_in = n * a.hidden * cd
     if grad:
         keep += _norm(a, n)
@@ -261,7 +282,7 @@ def activations(a: Arch, w: Workload, train: Trainables | None, checkpointing: b
         keep += head_in + sum(n * r * cd for r in train.head)
     elif train.head_full:
         keep += head_in
-    transient = n * (a.hidden + a.act_grads * a.intermediate) * cd   # gradients in flight through one layer
+    transient = n * (a.hidden + a.act_grads * a.intermediate) * cd + rebuilt   # gradients in flight through a layer
     if not checkpointing:
         return keep + sum(per_layer), transient
     inputs = a.layers * n * a.hidden * w.weight_bytes      # each layer's input, kept for the recompute
@@ -271,6 +292,10 @@ def activations(a: Arch, w: Workload, train: Trainables | None, checkpointing: b
 def loss_head(a: Arch, w: Workload) -> int:
     """Peak bytes of the logits and the loss (see the module docstring)."""
     n, shifted, v = w.batch * w.seq, w.batch * (w.seq - 1), a.vocab
+    if w.chunked_loss:
+        chunk = min(shifted, default_chunk_rows(shifted, v, a.hidden))
+        upcast = w.compute_bytes if w.compute_bytes != 4 else 0   # fp32 logits are not copied
+        return n * a.hidden * w.compute_bytes + chunk * v * (8 + upcast)
     copy = shifted * v * 4 if (w.batch > 1 or w.compute_bytes != 4) else 0   # B = 1 in fp32 is a view
     forward = n * v * w.compute_bytes + copy + shifted * v * 4
     backward = 3 * shifted * v * 4

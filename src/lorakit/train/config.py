@@ -23,6 +23,7 @@ from ..compose.mixture import MixtureConfig
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..inject import _NAME_RE as NAME_RE
+from ..quantize import QUANTIZE_BASE
 from ..schema import apply_overrides, from_dict, load_yaml
 
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text")
@@ -45,10 +46,15 @@ class ModelSection:
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository (only for models you trust)."""
+    quantize_base: str = "none"
+    """none, or nf4 (QLoRA): the frozen linear layers in 4-bit NF4 (bitsandbytes), computing in `dtype`."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantize_base not in QUANTIZE_BASE:
+            raise ConfigError(f"model.quantize_base must be one of {', '.join(QUANTIZE_BASE)}, "
+                              f"got {self.quantize_base!r}")
         if not self.name_or_path:
             raise ConfigError("model.name_or_path is empty; give a hub id or a local model directory")
 
@@ -117,6 +123,10 @@ class TrainingSection:
     """bf16 autocast: auto (on a GPU that supports it), true or false."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in backward to save activation memory."""
+    chunked_loss: bool = True
+    """Loss from the last hidden states a chunk of rows at a time, never the full fp32 logits (same loss and gradients; models it cannot handle use the full logits)."""
+    compile: bool = False
+    """torch.compile each decoder layer for the training steps (the first steps compile, slowly; worth it on long GPU runs)."""
     eval_every: int = 0
     """Evaluate every N optimizer steps (0: only at the start and the end)."""
     save_every: int = 0
@@ -229,6 +239,10 @@ class TrainConfig:
         if self.mixture.experts and self.output.merged_model:
             raise ConfigError("output.merged_model cannot be used with mixture.experts: a mixture picks adapters per "
                               "token, so there is no single merged weight; set output.merged_model=false")
+        if self.model.quantize_base != "none" and self.training.strategy != "single":
+            raise ConfigError(f"model.quantize_base={self.model.quantize_base} trains with training.strategy=single "
+                              f"only (4-bit layers are not sharded or replicated by {self.training.strategy}); "
+                              "set training.strategy=single or model.quantize_base=none")
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -38,6 +38,7 @@ from .. import inject, io
 from ..errors import LoraError
 from ..schema import to_dict
 from . import checkpoint as ckpt
+from .compilation import compile_decoder_layers
 from .config import TrainConfig
 from .data import build_datasets, collate, pack
 from .distributed import Dist
@@ -100,7 +101,7 @@ def train(cfg: TrainConfig) -> RunSummary:
     if cfg.data.chat_template:   # saved with the tokenizer, so generation uses the template trained on
         tokenizer.chat_template = cfg.data.chat_template
     model = load_model(cfg.model.name_or_path, cfg.model.dtype, str(device), cfg.model.attn_implementation,
-                       cfg.model.revision, cfg.model.trust_remote_code)
+                       cfg.model.revision, cfg.model.trust_remote_code, cfg.model.quantize_base)
     train_examples, eval_examples, report = build_datasets(cfg.data, tokenizer, t.seed)
     rows = pack(train_examples, cfg.data.max_seq_len) if cfg.data.packing else train_examples
     for line in report.lines():
@@ -113,6 +114,8 @@ def train(cfg: TrainConfig) -> RunSummary:
     model.train()
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.compile:
+        log(f"training.compile: compiling {compile_decoder_layers(model)} decoder layers (on the first steps)")
     log(inject.trainable_summary(model))
     step_model = dist.wrap(model)
     if dist.world > 1:
@@ -162,7 +165,7 @@ def train(cfg: TrainConfig) -> RunSummary:
                 for batch in micro:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with autocast():
-                        s, _ = loss_sum(step_model, batch)
+                        s, _ = loss_sum(step_model, batch, chunked=t.chunked_loss)
                     aux = trainee.aux_losses(model)
                     # DDP averages gradients over processes: scale by world so the result is the sum / n_trained
                     loss = s * dist.world / n_trained + sum(w * v for w, v in aux.values()) / t.grad_accum

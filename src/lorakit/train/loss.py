@@ -3,23 +3,135 @@
 Returning the sum and the token count, not a mean, lets the loop divide by the number of trained
 tokens across all accumulated micro-batches (and all processes), so every trained token weighs
 the same however the batch is split.
+
+With `chunked=True` (`training.chunked_loss`) the full logits are never made: while the model runs
+its own forward, the output head's forward is swapped for one that records the head's input (the
+last hidden states) and returns a placeholder of the logits' shape that takes no memory; the loss
+then comes from those hidden states and the head's weight by `lorakit.ops.chunked_cross_entropy`,
+a chunk of rows at a time. The model's own forward runs, so wrappers (DDP) and hooks see a normal
+call, and the result is the plain path's loss and gradients.
+
+The chunked path applies only when that is exact, and otherwise the plain path runs:
+  - the head must be a plain `nn.Linear`, or one trained in full through `modules_to_save`; a head
+    with a LoRA adapter of its own takes the plain path (its adapter term is not chunked);
+  - not under FSDP2, which gathers the head's weight only inside the model's forward;
+  - the model must return the head's output as its logits, untouched. A model that changes them
+    after the head (Gemma 2's soft-capping, Cohere's logit scale) returns another tensor than the
+    placeholder: that first call is run again on the plain path with the random state restored
+    (same dropout masks), a warning says so once, and that model takes the plain path from then on.
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 
+from ..layers import ModulesToSave
+from ..ops.chunked_ce import chunked_cross_entropy
 from .data import IGNORE_INDEX
 
+# models seen to change their logits after the output head: the plain path for them from then on
+_HEAD_OUTPUT_CHANGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over trained positions, number of trained positions)."""
+
+def loss_sum(model: nn.Module, batch: dict[str, Tensor], chunked: bool = False) -> tuple[Tensor, Tensor]:
+    """(sum of next-token cross-entropy over trained positions, number of trained positions).
+    `chunked`: compute it without the full logits where that is exact (module docstring)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits              # (B, T, V)
     targets = labels[:, 1:]                                       # (B, T-1): token t predicts t+1
+    n = (targets != IGNORE_INDEX).sum()
+    inner = _unwrap(model)
+    head = _chunkable_head(inner) if chunked and inner not in _HEAD_OUTPUT_CHANGED else None
+    if head is not None:
+        rng = _rng_state(labels.device)
+        capture = _HeadCapture(head, _linear_of(head).out_features)
+        with capture:
+            logits = model(**inputs, use_cache=False).logits
+        if capture.exact_for(logits, labels.shape):
+            del logits
+            return _chunked_loss(capture.hidden, _linear_of(head), labels), n
+        del logits, capture
+        _HEAD_OUTPUT_CHANGED.add(inner)
+        warnings.warn(f"training.chunked_loss: {type(inner).__name__} changes its logits after the output head "
+                      "(e.g. soft-capping or scaling), so the loss is computed from the full logits; set "
+                      "training.chunked_loss=false to skip this check", stacklevel=2)
+        _set_rng_state(rng, labels.device)                        # the rerun draws the same dropout masks
+    logits = model(**inputs, use_cache=False).logits              # (B, T, V)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (targets != IGNORE_INDEX).sum()
+    return loss, n
+
+
+def _chunked_loss(hidden: Tensor, head: nn.Linear, labels: Tensor) -> Tensor:
+    """The loss from the head's input hidden (B, T, d), in the dtype `F.linear` would compute in."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
+    # position t predicts label t+1; the last position predicts nothing: no copy of hidden needed
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)    # (B, T)
+    return chunked_cross_entropy(hidden.to(dtype).flatten(0, 1), weight, targets.flatten(), bias)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside a DDP wrapper (whose forward the loss still calls)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _chunkable_head(model: nn.Module) -> nn.Module | None:
+    """The output head whose input the chunked loss can take, or None for the plain path."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None and not isinstance(model, FSDPModule) else None
+    if head is None or not isinstance(_linear_of(head), nn.Linear) or "forward" in vars(head):
+        return None
+    return head
+
+
+def _linear_of(head: nn.Module) -> nn.Module:
+    """The linear layer that computes the logits: a trained copy under `modules_to_save`."""
+    return head.current() if isinstance(head, ModulesToSave) else head
+
+
+class _HeadCapture:
+    """For one model call: the output head records its input and returns a placeholder instead of
+    the logits (a zero scalar expanded to their shape, so no memory)."""
+
+    def __init__(self, head: nn.Module, vocab: int) -> None:
+        self.head, self.vocab = head, vocab
+        self.calls = 0
+        self.hidden: Tensor | None = None
+        self.placeholder: Tensor | None = None
+
+    def _forward(self, hidden: Tensor, *args, **kwargs) -> Tensor:
+        self.calls += 1
+        self.hidden = hidden                                                  # (B, T, d)
+        self.placeholder = hidden.new_zeros(()).expand(*hidden.shape[:-1], self.vocab)   # (B, T, V)
+        return self.placeholder
+
+    def __enter__(self) -> _HeadCapture:
+        self.head.forward = self._forward      # an instance attribute shadows the class's forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.head.forward
+
+    def exact_for(self, logits: Tensor, labels_shape: torch.Size) -> bool:
+        """The model called the head once, on every position, and returned its output untouched."""
+        return (self.calls == 1 and logits is self.placeholder and self.hidden.dim() == 3
+                and self.hidden.shape[:2] == labels_shape)
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

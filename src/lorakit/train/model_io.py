@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ..builtin.model import BUILTIN_MODEL, builtin_model_dir
 from ..errors import ConfigError
+from ..quantize import QUANTIZE_BASE, quantize_linears
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,13 +44,19 @@ def load_tokenizer(name_or_path: str, revision: str | None = None,
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa",
-               revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM on its device, in eval mode."""
+               revision: str | None = None, trust_remote_code: bool = False,
+               quantize_base: str = "none") -> PreTrainedModel:
+    """A causal LM on its device, in eval mode. With `quantize_base="nf4"` (QLoRA) every linear
+    layer but the output head is a frozen 4-bit NF4 layer computing in `dtype`; it is loaded on
+    the CPU and quantized onto the device layer by layer (see `lorakit.quantize`)."""
+    if quantize_base not in QUANTIZE_BASE:
+        raise ConfigError(f"quantize_base must be one of {', '.join(QUANTIZE_BASE)}, got {quantize_base!r}")
     path = resolve_model_path(name_or_path)
     dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype, dev), attn_implementation=attn_implementation, revision=revision,
+            path, dtype=torch_dtype, attn_implementation=attn_implementation, revision=revision,
             trust_remote_code=trust_remote_code,
         )
     except OSError as e:
@@ -57,4 +64,6 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", att
             f"cannot load model {name_or_path!r}: it is not a local model directory and the hub did not "
             f"provide it ({e.__class__.__name__}: {str(e).splitlines()[0]})"
         ) from None
+    if quantize_base == "nf4" and quantize_linears(model, torch_dtype, dev) == 0:
+        raise ConfigError(f"quantize_base=nf4: {name_or_path} has no linear layer besides the output head to quantize")
     return model.to(dev).eval()

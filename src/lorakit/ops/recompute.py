@@ -1,0 +1,160 @@
+"""Adapter inputs rebuilt in backward from tensors that autograd keeps anyway.
+
+A frozen linear layer keeps nothing of its input for backward, but its adapter needs that input x
+for the gradient of A, so keeping x is the adapter's whole activation cost. In a decoder layer x is
+usually one cheap op away from tensors that other backward nodes keep regardless:
+
+  - q/k/v and gate/up read a norm's output; the norm keeps its own input for its backward, and
+    x = norm(input) again, bit for bit (same module, same input, same autocast state);
+  - down_proj reads the MLP product act(gate) * up, whose backward keeps both factors; x = a * b;
+  - GPT-2's MLP projection reads act(c_fc output), whose backward keeps its input; x = act(input).
+
+(o_proj reads the attention output, which the attention's backward keeps itself: nothing to gain.)
+So instead of x the adapter keeps a `Recipe`: a function and tensors that are already saved, whose
+storage is therefore counted once; backward calls it to get x back. On a Llama step this takes the
+adapters' saved activations from 1.28x the frozen base's to about 1.01x (BENCHMARKS.md).
+
+Recipes are registered by forward hooks that `install` puts on the model, only in a forward that
+records a graph (grad enabled) and not while torch.compile traces (dynamo cannot follow the weak
+references; the compiled path keeps x):
+  - every norm and activation module (nn.LayerNorm, nn.RMSNorm, classes named *RMSNorm /
+    *LayerNorm; torch's and transformers' activations) maps its output tensor to
+    (module.forward, input), when the input has a graph (so the module's own backward keeps it)
+    and is no wider than the output (else keeping it would cost more than keeping x);
+  - every activation module and every adapted linear layer also records its output by its
+    grad_fn, so that a product of two recorded outputs is recognised from its own grad_fn (a
+    MulBackward0 whose two inputs are theirs) without unpacking anything autograd saved.
+Entries hold weak references and vanish with their tensors.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """x == fn(*inputs), recomputed with the autocast state of the forward that made x."""
+
+    fn: Callable[..., Tensor]
+    inputs: tuple[Tensor, ...]
+    autocast: tuple[str, bool, torch.dtype] | None
+
+    def rebuild(self) -> Callable[..., Tensor]:
+        """x as a function of the recipe's tensors as backward unpacks them. Holds no tensor, so
+        keeping it on an autograd context keeps nothing alive (the tensors go through
+        save_for_backward, where checkpointing and offloading hooks see them)."""
+        fn, autocast = self.fn, self.autocast
+
+        def replay(*inputs: Tensor) -> Tensor:
+            with torch.no_grad():
+                if autocast is None:
+                    return fn(*inputs)
+                device_type, enabled, dtype = autocast
+                with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    return fn(*inputs)
+        return replay
+
+
+class _Registry:
+    """Norm outputs by tensor identity, factor outputs by grad_fn identity, both weakly held."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, tuple[weakref.ref, Recipe]] = {}   # id(x) -> (x, recipe)
+        self.factors: dict[int, weakref.ref] = {}                  # id(t.grad_fn) -> t
+
+    def add_output(self, out: Tensor, recipe: Recipe) -> None:
+        key = id(out)
+        self.outputs[key] = (weakref.ref(out, lambda _, k=key: self.outputs.pop(k, None)), recipe)
+
+    def add_factor(self, out: Tensor) -> None:
+        node = out.grad_fn
+        if node is None:
+            return
+        key = id(node)
+        self.factors[key] = weakref.ref(out, lambda _, k=key: self.factors.pop(k, None))
+
+    def _factor(self, node) -> Tensor | None:
+        ref = self.factors.get(id(node))
+        t = ref() if ref is not None else None
+        return t if t is not None and t.grad_fn is node else None
+
+    def find(self, x: Tensor) -> Recipe | None:
+        entry = self.outputs.get(id(x))
+        if entry is not None and entry[0]() is x:
+            return entry[1]
+        node = x.grad_fn
+        if node is None or node.name() != "MulBackward0" or len(node.next_functions) != 2:
+            return None
+        a, b = (self._factor(n) for n, _ in node.next_functions)
+        if a is None or b is None or a.shape != x.shape or b.shape != x.shape or a.dtype != x.dtype \
+                or b.dtype != x.dtype:
+            return None
+        return Recipe(torch.mul, (a, b), None)   # both saved by the product's own backward
+
+
+_registry = _Registry()
+
+
+def _recording() -> bool:
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype] | None:
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return kind, True, torch.get_autocast_dtype(kind)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ in ("torch.nn.modules.activation", "transformers.activations")
+
+
+def _output_hook(module: nn.Module, args: tuple, out) -> None:
+    """A norm's or an activation's output: rebuilt from its input."""
+    if not _recording() or len(args) != 1 or not isinstance(out, Tensor) or not isinstance(args[0], Tensor):
+        return
+    x_in = args[0]
+    if not x_in.requires_grad or x_in.element_size() > out.element_size():
+        return
+    _registry.add_output(out, Recipe(module.forward, (x_in,), _autocast_state(out.device)))
+
+
+def _activation_hook(module: nn.Module, args: tuple, out) -> None:
+    _output_hook(module, args, out)
+    if _recording() and isinstance(out, Tensor):
+        _registry.add_factor(out)
+
+
+def record_factor(out: Tensor) -> None:
+    """Called by adapted linear layers on their output (up_proj's is a factor of the MLP product)."""
+    if _recording():
+        _registry.add_factor(out)
+
+
+def find_recipe(x: Tensor) -> Recipe | None:
+    """How to rebuild `x` from tensors autograd keeps anyway, or None (then keep x)."""
+    return _registry.find(x) if _recording() else None
+
+
+def install(model: nn.Module) -> list[RemovableHandle]:
+    """Put the recording hooks on the model's norms and activations; returns their handles."""
+    handles = []
+    for module in model.modules():
+        if _is_norm(module):
+            handles.append(module.register_forward_hook(_output_hook))
+        elif _is_activation(module):
+            handles.append(module.register_forward_hook(_activation_hook))
+    return handles

@@ -1,0 +1,218 @@
+"""The OpenAI-compatible wire format: request bodies (pydantic models, validated on arrival) and
+the response, chunk and error objects, as plain dicts.
+
+Parameters lorakit serves: `model`, `prompt` / `messages`, `max_tokens` (chat also
+`max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`, `stream`,
+`stream_options.include_usage`, `n` (only 1), `user` (ignored). Parameters it does not serve
+(`logprobs`, `echo`, `best_of` > 1, `suffix`, penalties, `logit_bias`, tools, JSON mode) are
+refused with a 400 when given a value that would change the output, never silently dropped;
+unknown keys are ignored, as OpenAI's own server does with new client fields.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ServeError
+
+MAX_STOP = 16           # stop strings per request
+MAX_STOP_CHARS = 256    # characters per stop string
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+MaxTokens = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 64 - 1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """What completions and chat share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Annotated[int, Field(ge=1)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    seed: Seed | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def check_supported(self) -> None:
+        """400 for a parameter given a value lorakit does not serve."""
+        if self.n not in (None, 1):
+            raise ServeError(f"n={self.n} is not supported: lorakit serve returns one choice per prompt; send the "
+                             "request n times with different seeds", 400, param="n")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, key) not in (None, 0, 0.0):
+                raise ServeError(f"{key} is not supported by lorakit serve; leave it out or set it to 0", 400,
+                                 param=key)
+        if self.logit_bias:
+            raise ServeError("logit_bias is not supported by lorakit serve; leave it out", 400, param="logit_bias")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(dict.fromkeys(self.stop))
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Sampling):
+    prompt: (str | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs is not None:
+            raise ServeError("logprobs is not supported by lorakit serve; leave it out", 400, param="logprobs")
+        if self.echo:
+            raise ServeError("echo is not supported by lorakit serve; leave it out", 400, param="echo")
+        if self.best_of not in (None, 1):
+            raise ServeError("best_of is not supported by lorakit serve; leave it out", 400, param="best_of")
+        if self.suffix:
+            raise ServeError("suffix (insertion) is not supported by lorakit serve; leave it out", 400, param="suffix")
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt as text or token ids (a list of ints is one prompt of token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ServeError(f"messages[{index}] has a {part.type!r} content part; lorakit serve takes text only",
+                                 400, param=f"messages.{index}.content")
+            parts.append(part.text)
+        return "\n".join(parts)
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs:
+            raise ServeError("logprobs is not supported by lorakit serve; leave it out", 400, param="logprobs")
+        if self.tools:
+            raise ServeError("tools are not supported by lorakit serve; leave them out", 400, param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ServeError("response_format other than text is not supported by lorakit serve", 400,
+                             param="response_format")
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them."""
+        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+
+    def route_text(self) -> str:
+        """What the router reads: the last user message."""
+        users = [m for m in self.chat_messages() if m["role"] == "user"]
+        return users[-1]["content"] if users else self.chat_messages()[-1]["content"]
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class AdapterLoad(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    path: str
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
+    """`choices`: (text, finish_reason) per prompt."""
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                        for i, (text, reason) in enumerate(choices)],
+            "usage": use}
+
+
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str, reason: str | None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+
+def chat_completion(rid: str, created: int, model: str, text: str, reason: str, use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": reason}],
+            "usage": use}
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict, reason: str | None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, use: dict) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
+
+
+def model_card(name: str, created: int, parent: str | None) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "lorakit", "parent": parent}

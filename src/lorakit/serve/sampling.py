@@ -1,0 +1,132 @@
+"""From logits to tokens and from tokens to text, per request, for a batch whose rows each carry
+their own sampling settings.
+
+Token choice, per row of the last position's logits z (float32):
+  - temperature 0: greedy, argmax z (the first of equal maxima, as `model.generate` takes it);
+  - otherwise p = softmax(z / temperature), then nucleus (top-p) filtering: keep the most likely
+    tokens, in order, while the mass before each is below top_p (so at least one is kept), and
+    draw from what is kept with the row's own generator. A request with a seed gets a generator
+    seeded with it, so its samples do not depend on the other rows in the batch.
+
+Text: the generated ids are decoded incrementally (special tokens skipped, as `lorakit generate`
+decodes them). Decoding all ids at every step would cost O(n) per token; instead two offsets
+mark a window of the last tokens, and the new text is what decoding the window with the new
+token adds to decoding it without (the window keeps the context a tokenizer needs for leading
+spaces). Text ending in U+FFFD (a multi-byte character whose last bytes are still to come) is
+not taken until it is complete. Then only what can no longer change is released:
+  - a stop string ends the text before it (it is not returned);
+  - a trailing piece that could be the start of a stop string is held back;
+  - at the end of the request everything left is released.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    """New tokens at most (the end-of-sequence token counts as one)."""
+    temperature: float = 1.0
+    """0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus mass kept, in (0, 1]."""
+    seed: int | None = None
+    """Seeds this request's generator; None draws a seed."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the text (not included)."""
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def choose_tokens(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """One token per row of `logits` (B, V), greedy or sampled per row."""
+    chosen = logits.argmax(-1)                                                   # (B,)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        temps = torch.tensor([params[i].temperature for i in sampled], device=logits.device)      # (S,)
+        top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)            # (S,)
+        probs = torch.softmax(logits[index].float() / temps[:, None], dim=-1)                    # (S, V)
+        ranked, order = probs.sort(dim=-1, descending=True)                                      # (S, V)
+        before = ranked.cumsum(-1) - ranked                                                       # mass before each
+        ranked = ranked.masked_fill(before >= top_p[:, None], 0.0)
+        for j, i in enumerate(sampled):
+            k = torch.multinomial(ranked[j], 1, generator=generators[i])                         # (1,)
+            chosen[i] = order[j, k[0]]
+    return chosen.tolist()
+
+
+class TextStream:
+    """The text of one request's generated tokens, released in pieces that will not change."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.text = ""         # the decoded text so far
+        self.sent = 0          # characters of it released
+        self.stopped = False   # a stop string was found
+        self._window = 0       # first token of the decode window
+        self._read = 0         # tokens whose text is in `text`
+
+    def add(self, token: int) -> str:
+        """Append a token; the newly releasable text ('' if none). Sets `stopped` on a stop string."""
+        self.ids.append(token)
+        self._decode(final=False)
+        cut = self._stop_at()
+        if cut is not None:
+            self.stopped = True
+            self.text = self.text[:cut]
+            return self._release(cut)
+        return self._release(self._safe_end())
+
+    def finish(self) -> str:
+        """Everything not yet released (at the end of the request)."""
+        if self.stopped:
+            return ""
+        self._decode(final=True)
+        cut = self._stop_at()
+        if cut is not None:
+            self.stopped = True
+            self.text = self.text[:cut]
+        return self._release(len(self.text))
+
+    def _decode(self, final: bool) -> None:
+        before = self.tokenizer.decode(self.ids[self._window:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self._window:], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._window, self._read = self._read, len(self.ids)
+
+    def _release(self, end: int) -> str:
+        piece = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    def _stop_at(self) -> int | None:
+        if not self.stop:
+            return None
+        hits = [i for s in self.stop if (i := self.text.find(s, max(0, self.sent - len(s) + 1))) >= 0]
+        return min(hits) if hits else None
+
+    def _safe_end(self) -> int:
+        end = len(self.text)
+        hold = 0   # the longest tail that may still grow into a stop string waits
+        for s in self.stop:
+            for k in range(min(len(s) - 1, end - self.sent), hold, -1):
+                if self.text[end - k:end] == s[:k]:
+                    hold = k
+                    break
+        return end - hold
