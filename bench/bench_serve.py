@@ -52,7 +52,15 @@ class Case:
     times: list[float] = field(default_factory=list)
 
 
-def build(device: torch.device, dtype: torch.dtype, rank: int = RANK):
+def model_config(hidden: int) -> dict:
+    """MODEL_CONFIG at another width: Llama's MLP ratio (1376 / 512), 64-wide heads."""
+    if hidden == MODEL_CONFIG["hidden_size"]:
+        return MODEL_CONFIG
+    return {**MODEL_CONFIG, "hidden_size": hidden, "intermediate_size": hidden * 1376 // 512,
+            "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64}
+
+
+def build(device: torch.device, dtype: torch.dtype, rank: int = RANK, hidden: int = MODEL_CONFIG["hidden_size"]):
     """(tokenizer, merged plain model, model with the adapter library)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -63,7 +71,7 @@ def build(device: torch.device, dtype: torch.dtype, rank: int = RANK):
 
     def base() -> LlamaForCausalLM:
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **MODEL_CONFIG)
+        config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **model_config(hidden))
         return LlamaForCausalLM(config).eval()
 
     library = base()
@@ -154,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rank", type=int, default=RANK, help="adapter rank (alpha = 2 x rank)")
+    ap.add_argument("--hidden", type=int, default=MODEL_CONFIG["hidden_size"],
+                    help="model width (the adapters' share of the bytes a step reads falls as 1/width)")
     args = ap.parse_args(argv)
     if args.quick:
         args.warmup, args.rounds = 1, 2
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
-    tokenizer, merged, library = build(device, dtype, args.rank)
+    tokenizer, merged, library = build(device, dtype, args.rank, args.hidden)
     config = ServeConfig(max_batch_size=BATCH, max_queue=REQUESTS)
     engines = [Engine(merged, tokenizer, config), Engine(library, tokenizer, config)]
     for engine in engines:
@@ -196,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             engine.stop(timeout=5)
     load_after = os.getloadavg()
     print(f"lorakit serving engine (in process), {REQUESTS} requests x ({PROMPT} prompt + {NEW} new tokens), "
-          f"max_batch_size {BATCH}, adapters r={args.rank} all-linear, library of {LIBRARY}")
+          f"max_batch_size {BATCH}, adapters r={args.rank} all-linear, library of {LIBRARY}, "
+          f"model hidden {args.hidden}, {MODEL_CONFIG['num_hidden_layers']} layers")
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_model()}), "
           f"{dtype}, torch threads {torch.get_num_threads()}, torch {torch.__version__}, Python "
           f"{platform.python_version()}")

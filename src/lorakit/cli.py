@@ -27,7 +27,7 @@ from .errors import LoraError
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                    "-m", "lorakit", "train", *([args.config] if args.config else []), *args.overrides]
         return subprocess.call(command)
     from .train.config import load_config

@@ -95,11 +95,10 @@ def single(common, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ddp(common, tmp_path_factory) -> Run:
-    """Two DDP processes x micro-batch 2, launched by `lorakit train --nproc 2` (torchrun reads its
-    port from PET_MASTER_PORT)."""
+    """Two DDP processes x micro-batch 2, launched by `lorakit train --nproc 2` (torchrun
+    --standalone: it finds a free port itself)."""
     out, overrides = tmp_path_factory.mktemp("ddp"), common + ["training.micro_batch_size=2", "training.strategy=ddp"]
-    log = launch([sys.executable, "-m", "lorakit", "train", *overrides, f"output.dir={out}", "--nproc", "2"],
-                 PET_MASTER_PORT=str(free_port()))
+    log = launch([sys.executable, "-m", "lorakit", "train", *overrides, f"output.dir={out}", "--nproc", "2"])
     return Run(out, log, overrides)
 
 
