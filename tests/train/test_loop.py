@@ -69,6 +69,31 @@ def test_gradient_checkpointing_trains_the_same_adapter(base_overrides, tmp_path
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def test_offload_activations_needs_checkpointing():
+    with pytest.raises(lk.ConfigError, match="training.offload_activations moves the checkpointed layer inputs to "
+                                             "CPU memory, so it needs training.gradient_checkpointing: true"):
+        load_config(None, ["training.offload_activations=true"])
+
+
+@pytest.mark.gpu
+def test_offloaded_checkpointing_trains_the_same_adapter_on_a_gpu(base_overrides, tmp_path):
+    gpu = [*base_overrides, "model.device=cuda", "training.bf16=false", "training.gradient_checkpointing=true"]
+    run(gpu + [f"output.dir={tmp_path / 'a'}"])
+    run(gpu + ["training.offload_activations=true", f"output.dir={tmp_path / 'b'}"])
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_offload_on_cpu_changes_nothing(base_overrides, tmp_path):
+    """The layer inputs already live in host memory: the CPU run is the plain checkpointed one."""
+    ckpt = [*base_overrides, "training.gradient_checkpointing=true"]
+    run(ckpt + [f"output.dir={tmp_path / 'a'}"])
+    run(ckpt + ["training.offload_activations=true", f"output.dir={tmp_path / 'b'}"])
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_after_sigkill_is_exact(base_overrides, tmp_path):
     """Kill a run with SIGKILL mid-training, resume it: same adapter and same logged losses as an
     uninterrupted run (with dropout on, so the RNG state must be restored too)."""

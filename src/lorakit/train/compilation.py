@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import ConfigError
-from .distributed import _decoder_layers
+from .distributed import decoder_layers
 
 
 def compile_decoder_layers(model: nn.Module) -> int:
     """Give every decoder layer of `model` a compiled forward (module docstring); returns how many."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if not layers:
         raise ConfigError(f"training.compile: found no decoder layers (a ModuleList of alike blocks) in "
                           f"{type(model).__name__}; set training.compile=false")

@@ -123,6 +123,8 @@ class TrainingSection:
     """bf16 autocast: auto (on a GPU that supports it), true or false."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in backward to save activation memory."""
+    offload_activations: bool = False
+    """With gradient_checkpointing on a GPU: keep the checkpointed layer inputs in pinned CPU memory (frees layers x tokens x hidden of GPU memory; slower). On CPU they are in host memory already."""
     chunked_loss: bool = True
     """Loss from the last hidden states a chunk of rows at a time, never the full fp32 logits (same loss and gradients; models it cannot handle use the full logits)."""
     compile: bool = False
@@ -156,6 +158,9 @@ class TrainingSection:
              "training.eval_every and save_every must be >= 0, log_every >= 1"),
             (self.keep_last >= 1, "training.keep_last must be >= 1"),
             (self.strategy in STRATEGIES, f"training.strategy must be one of {', '.join(STRATEGIES)}"),
+            (self.gradient_checkpointing or not self.offload_activations,
+             "training.offload_activations moves the checkpointed layer inputs to CPU memory, so it needs "
+             "training.gradient_checkpointing: true"),
         ]
         for ok, message in checks:
             if not ok:

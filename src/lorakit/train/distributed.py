@@ -65,7 +65,7 @@ class Dist:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world,))
-        for layer in _decoder_layers(model):
+        for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
@@ -102,7 +102,7 @@ class Dist:
             dist.destroy_process_group()
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one (transformers keeps them in a ModuleList)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
              and len({type(x) for x in m}) == 1]

@@ -113,7 +113,7 @@ def train(cfg: TrainConfig) -> RunSummary:
         torch.manual_seed(t.seed + dist.rank)
     model.train()
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model, offload=t.offload_activations and device.type == "cuda")
     if t.compile:
         log(f"training.compile: compiling {compile_decoder_layers(model)} decoder layers (on the first steps)")
     log(inject.trainable_summary(model))
@@ -238,6 +238,20 @@ def train(cfg: TrainConfig) -> RunSummary:
     dist.barrier()
     dist.close()
     return summary
+
+
+def _enable_checkpointing(model, offload: bool) -> None:
+    """Non-reentrant activation checkpointing of the decoder layers, their inputs held in pinned
+    host memory with `offload` (transformers' `activation_checkpointing_enable`, the newer name of
+    `gradient_checkpointing_enable`; older releases have only the latter, without offload)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
+    elif offload:
+        raise LoraError("training.offload_activations needs transformers' activation_checkpointing_enable "
+                        "(transformers 5); upgrade transformers or set training.offload_activations: false")
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _trainer_state(step: int, stream: RowStream, total_steps: int, dist: Dist) -> ckpt.TrainerState:
