@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from bench_step import step
 from torch import nn
 
 MODEL_CONFIG = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
@@ -102,13 +103,6 @@ def make_cases(dropouts: list[float]) -> list[Case]:
     for c in cases:
         c.weight_bytes = frozen_bytes(c.module)
     return cases
-
-
-def step(module: nn.Module, ids: torch.Tensor) -> float:
-    loss = module(input_ids=ids, labels=ids).loss
-    loss.backward()
-    module.zero_grad(set_to_none=True)
-    return loss.item()
 
 
 def measure_peak(case: Case, ids: torch.Tensor) -> None:
