@@ -75,6 +75,7 @@ def _recipes_seen(model, ids) -> dict[str, str | None]:
         model(ids).logits.sum().backward()
     finally:
         layers.find_recipe = original
+    model.zero_grad(set_to_none=True)
     names = [n for n, _ in lk.inject.lora_layers(model)]
     return {name.split(".", 3)[-1]: seen[i] for i, name in enumerate(names) if name.startswith("model.layers.1.")}
 
@@ -131,6 +132,20 @@ def test_saved_activations_are_those_of_the_frozen_base(make, adapters, attn_out
     out_bytes = 2 * ids.numel() * 32 * 4 if attn_out else 0
     assert rebuilt == floor + h_bytes + out_bytes, (rebuilt, floor)
     assert kept > extra * floor, (kept, floor)     # the norm outputs and the MLP's inputs, per layer
+
+
+def test_an_input_changed_in_place_is_kept_not_rebuilt(ids, monkeypatch):
+    """A hook scales the norm output in place before q/k/v read it: the rebuilt value would be the
+    unscaled one, so the adapters must keep the input (same gradients as with recipes off)."""
+    model = _adapted(tiny_llama())
+    model.model.layers[1].input_layernorm.register_forward_hook(lambda m, a, out: out.mul_(2.0))
+    seen = _recipes_seen(model, ids)
+    assert seen["self_attn.q_proj"] is None and seen["mlp.gate_proj"] == "forward"
+    _, grads = _grads(model, ids)
+    _keep_inputs(monkeypatch)
+    _, kept = _grads(model, ids)
+    for name in grads:
+        assert torch.equal(grads[name], kept[name]), name
 
 
 def test_nothing_is_recorded_without_a_graph(ids):

@@ -24,7 +24,9 @@ references; the compiled path keeps x):
   - every activation module and every adapted linear layer also records its output by its
     grad_fn, so that a product of two recorded outputs is recognised from its own grad_fn (a
     MulBackward0 whose two inputs are theirs) without unpacking anything autograd saved.
-Entries hold weak references and vanish with their tensors.
+Entries hold weak references and vanish with their tensors. An output changed in place after its
+module made it gets no recipe (its version counter moved), so the adapter keeps it; the recipes'
+own inputs go through save_for_backward, whose version check catches later in-place changes.
 """
 
 from __future__ import annotations
@@ -66,12 +68,12 @@ class _Registry:
     """Norm outputs by tensor identity, factor outputs by grad_fn identity, both weakly held."""
 
     def __init__(self) -> None:
-        self.outputs: dict[int, tuple[weakref.ref, Recipe]] = {}   # id(x) -> (x, recipe)
+        self.outputs: dict[int, tuple[weakref.ref, int, Recipe]] = {}   # id(x) -> (x, its version, recipe)
         self.factors: dict[int, weakref.ref] = {}                  # id(t.grad_fn) -> t
 
     def add_output(self, out: Tensor, recipe: Recipe) -> None:
         key = id(out)
-        self.outputs[key] = (weakref.ref(out, lambda _, k=key: self.outputs.pop(k, None)), recipe)
+        self.outputs[key] = (weakref.ref(out, lambda _, k=key: self.outputs.pop(k, None)), out._version, recipe)
 
     def add_factor(self, out: Tensor) -> None:
         node = out.grad_fn
@@ -88,7 +90,8 @@ class _Registry:
     def find(self, x: Tensor) -> Recipe | None:
         entry = self.outputs.get(id(x))
         if entry is not None and entry[0]() is x:
-            return entry[1]
+            # changed in place since the module made it: the recipe would rebuild the old values
+            return entry[2] if x._version == entry[1] else None
         node = x.grad_fn
         if node is None or node.name() != "MulBackward0" or len(node.next_functions) != 2:
             return None
