@@ -1,7 +1,7 @@
 """`lorakit.ops.lora_linear`: the fused, in-place LoRA term of a linear layer.
 
 Reference throughout is the plain composition `out + s * (dropout(x) @ A^T @ B^T + b)`, with the
-dropout mask taken from the module's own `_mask` helper for the same seed.
+dropout mask taken from the module's own `_keep` helper for the same seed.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lorakit as lk
-from lorakit.ops.lora_linear import _LoraLinear, _mask, lora_linear_
+from lorakit.ops.lora_linear import _keep, _LoraLinear, _pack_bits, _unpack_bits, lora_linear_
 
 D_IN, D_OUT, R = 7, 5, 3
 S = 1.5
@@ -49,7 +49,7 @@ def grads(y, t, g):
 def mask_for(x, p, seed):
     """The mask (already divided by 1 - p) `_LoraLinear` draws for input `x` and `seed`."""
     x2 = x.detach().reshape(-1, x.shape[-1])
-    return _mask(x2.shape, x2.dtype, x2.device, p, seed).view(x.shape)
+    return _keep(x2.shape, x2.device, p, seed).to(x2.dtype).div_(1 - p).view(x.shape)
 
 
 # ---- forward and backward vs the plain composition ------------------------------------------------
@@ -112,7 +112,7 @@ def _x_variants():
 
 
 @pytest.mark.parametrize("which", list(_x_variants()))
-def test_backward_regenerates_the_forward_mask(which):
+def test_backward_uses_the_forward_mask(which):
     p, seed = 0.5, 77
     x = _x_variants()[which].requires_grad_()
     t = tensors(x.shape[:-1])
@@ -142,9 +142,17 @@ def test_dropout_keeps_one_minus_p_and_rescales_survivors(p):
     assert abs(y.mean().item() - 1.0) < 0.03                     # inverted dropout is unbiased
 
 
+@pytest.mark.parametrize("shape", [(3, 8), (5, 7), (1, 1)])
+def test_mask_bits_round_trip(shape):
+    keep = torch.rand(shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    bits = _pack_bits(keep)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-keep.numel() // 8)
+    assert torch.equal(_unpack_bits(bits, torch.Size(shape)).bool(), keep)
+
+
 def test_mask_helper_is_a_function_of_the_seed():
     shape = torch.Size((50, 40))
-    a, b, c = (_mask(shape, torch.float32, torch.device("cpu"), 0.3, seed) for seed in (5, 5, 6))
+    a, b, c = (_keep(shape, torch.device("cpu"), 0.3, seed).float() / 0.7 for seed in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
 
@@ -186,7 +194,8 @@ def test_saves_only_x_and_the_rank_r_activation(p):
     shared_x = [t for t in others if t.untyped_storage().data_ptr() == x_storage]
     rest = [tuple(t.shape) for t in others if t.untyped_storage().data_ptr() != x_storage]
     assert shared_x, "x itself is saved"
-    assert rest == [(24, R)], f"only h (N, r) may be saved besides x and parameters, got {rest}"
+    bits = [(-(-24 * D_IN // 8),)] if p > 0 else []      # the dropout mask, one bit per entry of x
+    assert rest == [(24, R), *bits], f"only h (N, r) and the mask's bits may be saved besides x, got {rest}"
     y.sum().backward()
     assert x.grad is not None and A.grad is not None and B.grad is not None and bias.grad is not None
 
