@@ -112,6 +112,8 @@ class Trainables:
     from_start: bool = False
     """Something before the first layer trains (an embedding copy, biases): gradients flow through
     every layer."""
+    dropout: bool = False
+    """The adapters use dropout: each keeps its mask as bits, and backward unpacks one at a time."""
 
 
 @dataclass(frozen=True)
@@ -209,16 +211,22 @@ def _rebuilt_norm_output(a: Arch, w: Workload, grad: bool) -> bool:
     return grad and (w.weight_bytes == 4 or a.family == "gpt2")
 
 
-def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool) -> tuple[int, bool, int]:
+def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool,
+           dropout: bool = False) -> tuple[int, bool, int]:
     """Bytes one decoder layer stores for backward, whether gradients flow out of it, and the
     bytes its backward rebuilds for a while (the MLP's input, from its kept factors or its
-    activation's input: with GPT-2's gelu, two temporaries of that size). `ad` None is full
+    activation's input: with GPT-2's gelu, two temporaries of that size; with `dropout`, an
+    adapter's unpacked mask, its multiplier and the dropped input). `ad` None is full
     fine-tuning; `grad`: gradients flow into the layer's input."""
     n, cd = w.batch * w.seq, w.compute_bytes
     full = ad is None
     ad = ad or LayerAdapters()
     norm_out = n * a.hidden * cd if full and a.family != "gpt2" else 0   # for an RMSNorm weight's gradient
     keep = sum(n * r * cd for r in ad.qkv + ad.o + ad.up + ad.down) + sum(n * (d + r) * cd for d, r in ad.other)
+    widths = ([a.hidden] * len(ad.qkv + ad.up) + [a.q_dim] * len(ad.o) + [a.intermediate] * len(ad.down)
+              + [d for d, _ in ad.other])   # d_in of each adapter
+    if dropout:
+        keep += sum(n * d // 8 for d in widths)                        # the masks' bits
     grad = grad or full or bool(ad.other)
     if grad:
         keep += _norm(a, n)
@@ -245,6 +253,8 @@ def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool) -> tuple[
     if full or (ad.down and not rebuilt_mlp):
         keep += n * a.intermediate * cd
     rebuilt = n * a.intermediate * cd * (2 if a.family == "gpt2" else 1) if ad.down and rebuilt_mlp else 0
+    if dropout and widths:
+        rebuilt = max(rebuilt, n * max(widths) * (1 + 2 * cd))
     grad = grad or bool(ad.down)
     if grad and a.resid_dropout > 0:
         keep += n * a.hidden * _mask_bytes(w)
@@ -268,7 +278,7 @@ def activations(a: Arch, w: Workload, train: Trainables | None, checkpointing: b
     layers = [None] * a.layers if full else list(train.layers)
     per_layer, rebuilt = [], 0
     for ad in layers:
-        stored, grad, rebuilt_here = _layer(a, w, ad, grad)
+        stored, grad, rebuilt_here = _layer(a, w, ad, grad, not full and train.dropout)
         per_layer.append(stored)
         rebuilt = max(rebuilt, rebuilt_here)
     head_in = n * a.hidden * cd

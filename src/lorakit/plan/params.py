@@ -231,8 +231,9 @@ def trainables_of(model: nn.Module, arch: Arch) -> Trainables:
             layers[index][position].append(r)
     frozen_base = {id(p) for p in inject.get_state(model).frozen}
     biases = any(p.requires_grad and id(p) in frozen_base for p in model.parameters())
+    dropout = any(module.lora_dropout.get(ADAPTER, 0) > 0 for _, module in inject.lora_layers(model))
     return Trainables(tuple(LayerAdapters(**{k: tuple(v) for k, v in d.items()}) for d in layers),
-                      tuple(embedding), tuple(head), head_full, biases or copies)
+                      tuple(embedding), tuple(head), head_full, biases or copies, dropout)
 
 
 def _output_head(model: nn.Module) -> nn.Module:
