@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .errors import AdapterStateError, ConfigError, TargetModulesError
 from .ops import lora_linear_
 from .ops.recompute import find_recipe, record_factor
-from .quantize import dequantize_weight, is_4bit
+from .quantize import dequantize_weight, is_4bit, weight_dtype
 
 try:  # transformers' GPT-2 style linear with a (d_in, d_out) weight
     from transformers.pytorch_utils import Conv1D
@@ -239,7 +239,7 @@ class LoraLinear(LoraLayer):
         if lora_bias and use_dora:
             raise ConfigError(f"lora_bias=True cannot be combined with use_dora ({self.module_name})")
         self._record(name, r, alpha, dropout, use_rslora, use_dora, lora_bias)
-        kw = {"device": base.weight.device, "dtype": dtype or self.base_weight().dtype}
+        kw = {"device": base.weight.device, "dtype": dtype or weight_dtype(base)}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)   # weight (r, d_in)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)  # weight (d_out, r)
         self._init(name, True if rewrites_base(init) else init)
@@ -364,7 +364,8 @@ class LoraLinear(LoraLayer):
                 B = self.lora_B[name]
                 result = lora_linear_(result, x, self.lora_A[name].weight, B.weight, B.bias, self.scaling[name], p,
                                       recipe)
-        record_factor(result)   # down_proj may read it, as a factor of the MLP product
+        if self.training:
+            record_factor(result)   # down_proj may read it, as a factor of the MLP product
         return result
 
     def _dora_term(self, x: Tensor, name: str, p: float, base_out: Tensor) -> Tensor:

@@ -81,6 +81,13 @@ def weight_count(p: Tensor) -> int:
     return p.numel()
 
 
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the layer's weight; for a 4-bit one, the dtype it had before quantizing
+    (what `dequantize_weight` returns), read without dequantizing."""
+    state = getattr(module.weight, "quant_state", None)
+    return state.dtype if state is not None else module.weight.dtype
+
+
 def dequantize_weight(module: nn.Module) -> Tensor:
     """deq(Q(W)) of a 4-bit linear: (d_out, d_in) in the dtype the weight had before quantizing.
 

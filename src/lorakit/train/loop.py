@@ -330,8 +330,7 @@ def _model_card(cfg: TrainConfig, trainee: Trainee, s: RunSummary) -> str:
         em = f", exact match {r.exact_match:.1%}" if r.exact_match is not None else ""
         return f"loss {r.loss:.4f}, perplexity {r.ppl:.2f}{em}"
 
-    kind = "LoRA adapter" if not cfg.mixture.experts else "Mixture of LoRA adapters"
-    return f"""# {kind} for {cfg.model.name_or_path}
+    return f"""# {trainee.title} for {cfg.model.name_or_path}
 
 Trained with lorakit (`lorakit train`); the resolved configuration is in `config.yaml`.
 

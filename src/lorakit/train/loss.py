@@ -38,6 +38,9 @@ from .data import IGNORE_INDEX
 
 # models seen to change their logits after the output head: the plain path for them from then on
 _HEAD_OUTPUT_CHANGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# models seen to return the head's output untouched: no random state to keep for a rerun (on CUDA,
+# reading it would synchronise the device at every micro-batch)
+_HEAD_OUTPUT_KEPT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def loss_sum(model: nn.Module, batch: dict[str, Tensor], chunked: bool = False) -> tuple[Tensor, Tensor]:
@@ -50,19 +53,21 @@ def loss_sum(model: nn.Module, batch: dict[str, Tensor], chunked: bool = False) 
     inner = _unwrap(model)
     head = _chunkable_head(inner) if chunked and inner not in _HEAD_OUTPUT_CHANGED else None
     if head is not None:
-        rng = _rng_state(labels.device)
+        rng = None if inner in _HEAD_OUTPUT_KEPT else _rng_state(labels.device)
         capture = _HeadCapture(head, _linear_of(head).out_features)
         with capture:
             logits = model(**inputs, use_cache=False).logits
         if capture.exact_for(logits, labels.shape):
             del logits
+            _HEAD_OUTPUT_KEPT.add(inner)
             return _chunked_loss(capture.hidden, _linear_of(head), labels), n
         del logits, capture
         _HEAD_OUTPUT_CHANGED.add(inner)
         warnings.warn(f"training.chunked_loss: {type(inner).__name__} changes its logits after the output head "
                       "(e.g. soft-capping or scaling), so the loss is computed from the full logits; set "
                       "training.chunked_loss=false to skip this check", stacklevel=2)
-        _set_rng_state(rng, labels.device)                        # the rerun draws the same dropout masks
+        if rng is not None:                                       # the rerun draws the same dropout masks
+            _set_rng_state(rng, labels.device)
     logits = model(**inputs, use_cache=False).logits              # (B, T, V)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")

@@ -57,6 +57,8 @@ class AdapterTrainee:
     def load_weights(self, model: nn.Module, directory: Path) -> None:
         io.load_adapter_weights(model, directory, ADAPTER)
 
+    title = "LoRA adapter"
+
     def describe(self) -> str:
         c = self.config
         return (f"adapter r={c.r}, lora_alpha={c.lora_alpha}, dropout={c.lora_dropout}, targets "
@@ -104,6 +106,8 @@ class MixtureTrainee:
 
     def load_weights(self, model: nn.Module, directory: Path) -> None:
         load_mixture_weights(model, directory)
+
+    title = "Mixture of LoRA adapters"
 
     def describe(self) -> str:
         m = self.section
