@@ -163,9 +163,9 @@ def test_memory_estimate_shape(tmp_path):
     assert by["lora", True].activations < by["lora", False].activations / 10
     assert by["qlora", False].frozen_weights < by["lora", False].frozen_weights / 2.5
     assert by["full", False].trained_state == 16 * 8_030_261_248
-    # chunked loss (the default): the kept labelled rows of the head input (B T hidden, bf16) and a
-    # chunk of 256 rows of logits in bf16, fp32 and the softmax's fp32 temporary
-    assert by["lora", False].loss_logits == 2 * 1024 * 4096 * 2 + 256 * 128256 * (2 + 4 + 4)
+    # chunked loss (the default): the labelled rows of the head input and their gradient (2 x B T
+    # hidden, bf16) and a chunk of 256 rows of logits in bf16, fp32 and the log-softmax's fp32
+    assert by["lora", False].loss_logits == 2 * 2 * 1024 * 4096 * 2 + 256 * 128256 * (2 + 4 + 4)
     full_logits = make_plan(load_config(None, ["training.micro_batch_size=2", "data.max_seq_len=1024",
                                                "training.chunked_loss=false"]), model=str(tmp_path), examples=50_000)
     # full logits: 3 x (B (T-1)) x vocab x fp32 (the log-softmax backward)

@@ -6,16 +6,18 @@
 Why: `F.cross_entropy((h @ W.T).float(), t)` holds the (N, V) logits, their fp32 copy, and in
 backward the log-softmax and its gradient: several N x V x 4 bytes, for a large vocabulary the
 largest tensors of a LoRA step (V = 128k and 4k tokens is 2 GiB per copy). Here the labelled
-rows go through the head `chunk_rows` at a time:
-
-  - forward keeps, besides the labelled rows of h, one float per row (its log-sum-exp);
-  - backward recomputes one chunk's logits, turns them in place into their gradient
-    (softmax - one-hot) and multiplies it into the gradients of h (and of W, b when they need one).
+rows go through the head `chunk_rows` at a time, and when the loss will be differentiated (grad
+mode on and an input requiring grad) their gradients are made in forward, from the chunk of
+logits forward makes anyway: softmax - one-hot in place, multiplied into the gradient of h (and
+summed into those of W and b when they train). Forward keeps the gradient of h, the size of the
+h a backward-time recompute would keep, and keeps h only when W trains; backward only scales the
+kept gradients by the incoming scalar. So no matmul is repeated: recomputing the logits in
+backward instead would cost one more h W^T (about 8% of a small Llama's step).
 
 At most one chunk's logits (chunk_rows x V, fp32, with the softmax's temporaries of that size)
-exist at a time. The price is one more h W^T matmul (the recompute in backward) and smaller
-matmuls (see `default_chunk_rows`). Rows whose target is `ignore_index` (prompt tokens of
-supervised data, padding) are dropped before any matmul, so they cost nothing at all.
+exist at a time. The price is smaller matmuls (see `default_chunk_rows`). Rows whose target is
+`ignore_index` (prompt tokens of supervised data, padding) are dropped before any matmul, so they
+cost nothing at all.
 
 Precision follows the plain path `F.linear(h, W, b).float()` + cross-entropy: the logits come out
 of the matmul in h's dtype (the caller casts h and W to the autocast dtype, as `F.linear` does
@@ -61,56 +63,51 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int,
-                ignore_index: int) -> Tensor:
+                ignore_index: int, differentiated: bool) -> Tensor:
         rows = (targets != ignore_index).nonzero().squeeze(1)       # (n,) labelled rows
         h = hidden.index_select(0, rows)                            # (n, d)
         t = targets.index_select(0, rows)                           # (n,)
         n = h.shape[0]
-        lse = torch.empty(n, dtype=_loss_dtype(h.dtype), device=h.device)   # (n,)
-        total = torch.zeros((), dtype=lse.dtype, device=h.device)
-        with torch.autocast(h.device.type, enabled=False):   # dtypes are the caller's (backward runs without)
+        need_h, need_w, need_b = (differentiated and need for need in ctx.needs_input_grad[:3])
+        acc = _loss_dtype(h.dtype)                                  # fp32 losses and sums
+        grad_h = torch.empty_like(h) if need_h else None                                   # (n, d)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None  # (V, d)
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=h.device) if need_b else None    # (V,)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):   # dtypes are the caller's
             for s in range(0, n, chunk_rows):
                 e = min(s + chunk_rows, n)
-                z = _logits(h[s:e], weight, bias)                   # (c, V)
-                # one fused log-softmax pass (torch.logsumexp takes five); lse = loss + z[t]
-                loss = F.cross_entropy(z, t[s:e], reduction="none")   # (c,)
-                lse[s:e] = loss + z.gather(1, t[s:e, None]).squeeze(1)
-                total += loss.sum()
-                del z
-        ctx.save_for_backward(h, weight, bias, t, rows, lse)
-        ctx.n_hidden_rows, ctx.chunk_rows = hidden.shape[0], chunk_rows
+                g = F.log_softmax(_logits(h[s:e], weight, bias), dim=1)             # (c, V)
+                rows_c = torch.arange(e - s, device=g.device)
+                total -= g[rows_c, t[s:e]].sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                g.exp_()                                                            # softmax
+                g[rows_c, t[s:e]] -= 1.0                                            # - one-hot
+                if need_b:
+                    grad_b += g.sum(0)
+                g = g.to(h.dtype)
+                if need_h:
+                    torch.mm(g, weight, out=grad_h[s:e])                            # (c, d)
+                if need_w:
+                    grad_w += g.t() @ h[s:e]                                        # (V, d)
+                del g
+        ctx.save_for_backward(grad_h, grad_w, grad_b, rows)
+        ctx.n_hidden_rows, ctx.dtypes = hidden.shape[0], (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_total: Tensor):
-        h, weight, bias, t, rows, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, chunk = h.shape[0], ctx.chunk_rows
-        grad_h = torch.empty_like(h) if need_h else None                                   # (n, d)
-        acc = _loss_dtype(h.dtype)                                                          # fp32 sums
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=h.device) if need_b else None
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            g = _logits(h[s:e], weight, bias)                                               # (c, V)
-            g.sub_(lse[s:e, None]).exp_()                                                   # softmax
-            g[torch.arange(e - s, device=g.device), t[s:e]] -= 1.0                          # - one-hot
-            if need_b:
-                grad_b += g.sum(0)
-            g = g.to(h.dtype)
-            if need_h:
-                torch.mm(g, weight, out=grad_h[s:e])                                        # (c, d)
-            if need_w:
-                grad_w += g.t() @ h[s:e]                                                    # (V, d)
-            del g
+        grad_h, grad_w, grad_b, rows = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
         # the incoming gradient scales the small results, not every (c, V) chunk
         grad_hidden = None
-        if need_h:
-            grad_h.mul_(grad_total)
-            grad_hidden = h.new_zeros(ctx.n_hidden_rows, h.shape[1]).index_copy_(0, rows, grad_h)  # (N, d)
-        grad_weight = grad_w.mul_(grad_total).to(weight.dtype) if need_w else None
-        grad_bias = grad_b.mul_(grad_total).to(bias.dtype) if need_b else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        if grad_h is not None:
+            grad_hidden = grad_h.new_zeros(ctx.n_hidden_rows, grad_h.shape[1]).index_copy_(
+                0, rows, grad_h * grad_total.to(grad_h.dtype))                      # (N, d)
+        grad_weight = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
+        grad_bias = (grad_b * grad_total).to(b_dtype) if grad_b is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
@@ -134,4 +131,5 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         chunk_rows = default_chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[1])
     if chunk_rows < 1:
         raise ValueError(f"chunked_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
-    return _ChunkedCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, ignore_index)
+    differentiated = torch.is_grad_enabled()    # inside an autograd function's forward it never is
+    return _ChunkedCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, ignore_index, differentiated)

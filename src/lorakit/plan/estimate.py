@@ -14,8 +14,8 @@
   logits flattened to fp32 and their log-softmax; in backward the log-softmax output, its gradient
   and the gradient of its input (3 x N x vocab x 4 bytes, usually the larger). With
   `training.chunked_loss` (lorakit.ops.chunked_ce) no full logits exist: the copy of the labelled
-  rows of the head's input the loss keeps (N x hidden x cd), plus one chunk's logits in fp32 (and
-  in the compute dtype first, under bf16) with the softmax's fp32 temporary.
+  rows of the head's input and their gradient, made in forward (2 x N x hidden x cd), plus one
+  chunk's logits in fp32 (and in the compute dtype first, under bf16) with the log-softmax's.
 - Recompute: with gradient checkpointing the stored activations are each layer's input, and the
   backward of a layer first recomputes that layer; without, the backward of a layer only adds
   transient gradients. The loss head is freed before the first layer's backward, so the peak
@@ -305,7 +305,7 @@ def loss_head(a: Arch, w: Workload) -> int:
     if w.chunked_loss:
         chunk = min(shifted, default_chunk_rows(shifted, v, a.hidden))
         upcast = w.compute_bytes if w.compute_bytes != 4 else 0   # fp32 logits are not copied
-        return n * a.hidden * w.compute_bytes + chunk * v * (8 + upcast)
+        return 2 * n * a.hidden * w.compute_bytes + chunk * v * (8 + upcast)
     copy = shifted * v * 4 if (w.batch > 1 or w.compute_bytes != 4) else 0   # B = 1 in fp32 is a view
     forward = n * v * w.compute_bytes + copy + shifted * v * 4
     backward = 3 * shifted * v * 4
