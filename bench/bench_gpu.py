@@ -14,6 +14,9 @@ Cases, each a full training step (forward, backward, optimizer step, zero_grad) 
     any LoRA step costs at least;
   - lorakit: `lk.add_adapter`, the loss from lorakit's `loss_sum(..., chunked=True)` (the full logits
     are never materialised), without and with activation checkpointing;
+  - lorakit + Triton kernels (on CUDA with triton installed, as `lorakit train` runs there by
+    default, `training.kernels: auto`): the same with `lorakit.kernels.use_kernels` (RMSNorm,
+    SwiGLU, RoPE) and the chunked loss's softmax kernel;
   - PEFT + transformers: `peft.get_peft_model`, the loss from `model(input_ids, labels=...)`,
     without and with activation checkpointing.
 
@@ -72,6 +75,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import platform
 import statistics
 import sys
@@ -114,6 +118,7 @@ class Case:
     kind: str                      # "floor", "lorakit" or "peft"
     nf4: bool                      # 4-bit NF4 base (QLoRA)
     gc: bool                       # activation checkpointing
+    kernels: bool = False          # lorakit with its Triton kernels (lorakit.kernels)
     module: nn.Module | None = None
     opt: torch.optim.Optimizer | None = None
     times: list[float] = field(default_factory=list)
@@ -154,6 +159,10 @@ def attach(case: Case, model: nn.Module) -> None:
 
         lk.add_adapter(model, lk.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear"),
                        adapter_dtype=torch.float32)   # as `lorakit train` adds them
+        if case.kernels:
+            from lorakit.kernels.model import use_kernels
+
+            use_kernels(model)
         case.module = model
     else:
         import peft
@@ -168,10 +177,23 @@ def attach(case: Case, model: nn.Module) -> None:
         case.opt = torch.optim.AdamW(trainable, lr=1e-4, fused=model.device.type == "cuda")
 
 
-def cases_for(kinds: list[tuple[str, bool]], nf4: bool) -> list[Case]:
+def cases_for(kinds: list[tuple[str, bool]], nf4: bool, kernels: bool = False) -> list[Case]:
+    """The cases of `kinds` on one base; with `kernels`, lorakit's cases once more with its Triton
+    kernels (the default of `lorakit train` on a GPU)."""
     base = "NF4" if nf4 else "bf16"
     names = {"floor": "floor (frozen base)", "lorakit": "lorakit", "peft": "PEFT + transformers"}
-    return [Case(f"{names[k]}{', checkpointing' if gc else ''} [{base}]", k, nf4, gc) for k, gc in kinds]
+    variants = [(k, gc, False) for k, gc in kinds]
+    if kernels:
+        variants += [(k, gc, True) for k, gc in kinds if k == "lorakit"]
+    return [Case(f"{names[k]}{' + Triton kernels' if kern else ''}{', checkpointing' if gc else ''} [{base}]",
+                 k, nf4, gc, kern) for k, gc, kern in variants]
+
+
+def kernels_available(device: torch.device) -> bool:
+    """lorakit's Triton kernels run here (CUDA and triton); --tiny's CPU smoke run has none."""
+    from lorakit.kernels.model import kernels_wanted
+
+    return kernels_wanted("auto", device, compiling=False)
 
 
 TIMED_KINDS = [("floor", False), ("lorakit", False), ("peft", False), ("lorakit", True), ("peft", True)]
@@ -192,7 +214,7 @@ def step(case: Case, ids: torch.Tensor) -> float:
         if case.kind == "lorakit":
             from lorakit.train.loss import loss_sum
 
-            total, n = loss_sum(case.module, {"input_ids": ids, "labels": ids}, chunked=True)
+            total, n = loss_sum(case.module, {"input_ids": ids, "labels": ids}, chunked=True, kernel=case.kernels)
             loss = total / n
         else:
             loss = case.module(input_ids=ids, labels=ids, use_cache=False).loss
@@ -316,12 +338,14 @@ def table(group: list[Case], setup: Setup, flops_per_token: float, peak_flops: f
 
 def target_lines(group: list[Case], setup: Setup) -> list[str]:
     """lorakit against PEFT + transformers on the issue's targets, for each pairing of checkpointing."""
-    def find(kind: str, gc: bool) -> Case:
-        return next(c for c in group if c.kind == kind and c.gc == gc)
+    def find(kind: str, gc: bool, kernels: bool = False) -> Case | None:
+        return next((c for c in group if c.kind == kind and c.gc == gc and c.kernels == kernels), None)
 
     lines = []
-    for lk_gc, peft_gc in ((False, False), (True, True), (True, False)):
-        ours, theirs = find("lorakit", lk_gc), find("peft", peft_gc)
+    for (lk_gc, peft_gc), kernels in itertools.product(((False, False), (True, True), (True, False)), (False, True)):
+        ours, theirs = find("lorakit", lk_gc, kernels), find("peft", peft_gc)
+        if ours is None:
+            continue
         speed = tokens_per_s(ours, setup) / tokens_per_s(theirs, setup)
         memory = ours.peak / theirs.peak
         verdict = "met" if speed >= TARGET_SPEED and memory <= TARGET_MEMORY else "NOT met"
@@ -354,7 +378,7 @@ def timed_mode(args: argparse.Namespace, setup: Setup) -> None:
     warm_device(setup.device)
     cases = []
     for nf4 in bases:
-        for case in cases_for(TIMED_KINDS, nf4):
+        for case in cases_for(TIMED_KINDS, nf4, kernels_available(setup.device)):
             log(f"building {case.name} ...")
             cases.append(make_case(case, setup, ids, setup.seq))
     check_losses(cases)
@@ -368,7 +392,7 @@ def timed_mode(args: argparse.Namespace, setup: Setup) -> None:
     assert n_params == sum(p.numel() for n, p in cases[0].module.named_parameters() if "embed_tokens" not in n)
     peak_flops = peak_flops_of(setup.device, args.peak_tflops)
     print(f"step-0 loss: bf16 base {cases[0].loss0:.5f}"
-          + ("" if args.no_qlora else f", NF4 base {cases[len(TIMED_KINDS)].loss0:.5f}")
+          + ("" if args.no_qlora else f", NF4 base {next(c for c in cases if c.nf4).loss0:.5f}")
           + f"; every case of a base within {LOSS_RTOL:g} (relative) of PEFT's: checked")
     print(f"N = {n_params / 1e6:.1f} M matmul parameters; 4N = {4 * n_params / 1e9:.2f} GFLOP per token; peak "
           + ("n/a (unknown GPU: pass --peak-tflops)" if peak_flops is None else f"{peak_flops / 1e12:.0f} TFLOP/s bf16"))
@@ -437,7 +461,7 @@ def max_seq_mode(args: argparse.Namespace, setup: Setup) -> None:
     warm_device(setup.device)
     results = []
     for nf4 in [False] + ([] if args.no_qlora else [True]):
-        for case in cases_for(MAX_SEQ_KINDS, nf4):
+        for case in cases_for(MAX_SEQ_KINDS, nf4, kernels_available(setup.device)):
             log(f"searching {case.name} ...")
             make_case(case, setup, random_ids(setup, setup.seq_step, 1), args.max_seq_cap)
             results.append((case, *longest_fit(case, setup, budget, args.max_seq_cap)))

@@ -281,6 +281,26 @@ def table(cases: list[Case], gc: bool) -> str:
     return "\n".join(rows)
 
 
+def lora_flop_ratio() -> float:
+    """(floor + adapter) / floor multiply-adds per token of one step, counted from the shapes: the
+    least a LoRA step can cost against the floor however its adapter path is built.
+
+    Floor: each linear layer's forward and input gradient (2 x d_in x d_out; frozen: no weight
+    gradient), the output head likewise, causal attention's QK^T and AV (T/2 keys on average, x d,
+    two matmuls) forward and twice that backward. Adapters on every linear layer of a decoder layer:
+    x A^T, (xA^T) B^T forward, then the input gradient through both and the gradients of A and B:
+    3 x r x (d_in + d_out) each."""
+    c = MODEL_CONFIG
+    d, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = d * c["num_key_value_heads"] // c["num_attention_heads"]
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]   # q k v o gate up down
+    linear = sum(2 * a * b for a, b in shapes)
+    attention = 3 * 2 * (SEQ / 2) * d
+    floor = layers * (linear + attention) + 2 * d * c["vocab_size"]
+    lora = layers * sum(3 * RANK * (a + b) for a, b in shapes)
+    return (floor + lora) / floor
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -347,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(cases, gc))
     print(f"\nvs PEFT: against PEFT at the same dropout; vs floor: against the frozen base "
           f"(same checkpointing setting). total runtime {time.perf_counter() - t_start:.0f}s")
+    print(f"the adapters' own matmuls at this shape: {lora_flop_ratio():.3f}x the floor's multiply-adds "
+          "(lora_flop_ratio), the least a LoRA step can cost against the floor")
     return 0
 
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from tiny_models import tiny_gpt2, tiny_llama
+
+if not torch.cuda.is_available():
+    # Triton kernels (lorakit.kernels) run in Triton's interpreter on CPU tensors. The switch is read
+    # when a kernel is defined, triton's own helpers (tl.zeros, ...) included, so it is set before
+    # anything imports triton: transformers does, on import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tiny_models import tiny_gpt2, tiny_llama  # noqa: E402  (imports transformers, which imports triton)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -57,7 +57,7 @@ def test_gradcheck_float64():
     h, w, b, t = inputs(torch.float64, n=9, d=4, v=11)
 
     def f(h, w, b):
-        return _ChunkedCrossEntropy.apply(h, w, b, t, 2, -100, True)
+        return _ChunkedCrossEntropy.apply(h, w, b, t, 2, -100, True, False)
 
     assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-6, atol=1e-6)
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.common import SUPPORTED_DTYPES as KERNEL_DTYPES
+
 IGNORE_INDEX = -100
 MIN_CHUNK_ROWS = 256
 
@@ -54,38 +56,42 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """(c, V) logits of the chunk h (c, d), computed in h's dtype, then upcast to the loss dtype."""
-    z = F.linear(h, weight, bias)
-    return z.to(_loss_dtype(z.dtype))
-
-
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int,
-                ignore_index: int, differentiated: bool) -> Tensor:
+                ignore_index: int, differentiated: bool, kernel: bool) -> Tensor:
         rows = (targets != ignore_index).nonzero().squeeze(1)       # (n,) labelled rows
         h = hidden.index_select(0, rows)                            # (n, d)
         t = targets.index_select(0, rows)                           # (n,)
         n = h.shape[0]
         need_h, need_w, need_b = (differentiated and need for need in ctx.needs_input_grad[:3])
+        grads = need_h or need_w or need_b
         acc = _loss_dtype(h.dtype)                                  # fp32 losses and sums
         grad_h = torch.empty_like(h) if need_h else None                                   # (n, d)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None  # (V, d)
         grad_b = torch.zeros(bias.shape, dtype=acc, device=h.device) if need_b else None    # (V,)
         total = torch.zeros((), dtype=acc, device=h.device)
+        if kernel:
+            from ..kernels.cross_entropy import cross_entropy_rows_
         with torch.autocast(h.device.type, enabled=False):   # dtypes are the caller's
             for s in range(0, n, chunk_rows):
                 e = min(s + chunk_rows, n)
-                g = F.log_softmax(_logits(h[s:e], weight, bias), dim=1)             # (c, V)
-                rows_c = torch.arange(e - s, device=g.device)
-                total -= g[rows_c, t[s:e]].sum()
-                if not (need_h or need_w or need_b):
+                z = F.linear(h[s:e], weight, bias)                                  # (c, V) in h's dtype
+                if kernel:   # the gradient over z, in z's dtype (lorakit.kernels.cross_entropy)
+                    total += cross_entropy_rows_(z, t[s:e], write_grad=grads).sum()
+                    g = z
+                else:
+                    g = F.log_softmax(z.to(acc), dim=1)                             # (c, V) fp32
+                    rows_c = torch.arange(e - s, device=g.device)
+                    total -= g[rows_c, t[s:e]].sum()
+                    if grads:
+                        g.exp_()                                                    # softmax
+                        g[rows_c, t[s:e]] -= 1.0                                    # - one-hot
+                del z
+                if not grads:
                     continue
-                g.exp_()                                                            # softmax
-                g[rows_c, t[s:e]] -= 1.0                                            # - one-hot
                 if need_b:
-                    grad_b += g.sum(0)
+                    grad_b += g.sum(0, dtype=acc)
                 g = g.to(h.dtype)
                 if need_h:
                     torch.mm(g, weight, out=grad_h[s:e])                            # (c, d)
@@ -107,16 +113,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 0, rows, grad_h * grad_total.to(grad_h.dtype))                      # (N, d)
         grad_weight = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
         grad_bias = (grad_b * grad_total).to(b_dtype) if grad_b is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
-                          chunk_rows: int | None = None, ignore_index: int = IGNORE_INDEX) -> Tensor:
+                          chunk_rows: int | None = None, ignore_index: int = IGNORE_INDEX,
+                          kernel: bool = False) -> Tensor:
     """Sum of `cross_entropy(hidden @ weight.T + bias, targets)` over rows whose target is not
     `ignore_index`, as an fp32 scalar (fp64 for fp64 inputs), holding at most `chunk_rows` rows of logits at a time
     (default: `default_chunk_rows`). See the module docstring.
 
     hidden (N, d) and weight (V, d) must share a dtype (the compute dtype); targets (N,) int64.
+    `kernel`: each chunk's softmax and gradient by the Triton kernel `lorakit.kernels.cross_entropy`
+    (needs triton; runs on CUDA, or in Triton's interpreter); fp32, bf16 and fp16 only.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"chunked_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
@@ -131,5 +140,9 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         chunk_rows = default_chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[1])
     if chunk_rows < 1:
         raise ValueError(f"chunked_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
+    if kernel and hidden.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"chunked_cross_entropy: the Triton kernel takes {', '.join(map(str, KERNEL_DTYPES))}, "
+                         f"not {hidden.dtype}; use kernel=False")
     differentiated = torch.is_grad_enabled()    # inside an autograd function's forward it never is
-    return _ChunkedCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, ignore_index, differentiated)
+    return _ChunkedCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, ignore_index, differentiated,
+                                      kernel)

@@ -141,6 +141,13 @@ def _activation_hook(module: nn.Module, args: tuple, out) -> None:
         _registry.add_factor(out)
 
 
+def record_output(out: Tensor, recipe: Recipe) -> None:
+    """For ops outside modules (lorakit.kernels' SwiGLU product): `out` == recipe, from tensors that
+    the op's own backward keeps."""
+    if _recording():
+        _registry.add_output(out, recipe)
+
+
 def record_factor(out: Tensor) -> None:
     """Called by adapted linear layers on their output (up_proj's is a factor of the MLP product)."""
     if _recording():

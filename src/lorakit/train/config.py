@@ -30,6 +30,7 @@ DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("single", "ddp", "fsdp")
+KERNELS = ("auto", "triton", "torch")
 
 
 @dataclass
@@ -129,6 +130,8 @@ class TrainingSection:
     """Loss from the last hidden states a chunk of rows at a time, never the full fp32 logits (same loss and gradients; models it cannot handle use the full logits)."""
     compile: bool = False
     """torch.compile each decoder layer for the training steps (the first steps compile, slowly; worth it on long GPU runs)."""
+    kernels: str = "auto"
+    """Triton kernels for RMSNorm, SwiGLU, RoPE and the chunked loss's softmax: triton, torch, or auto (triton on CUDA when triton is installed and training.compile is off)."""
     eval_every: int = 0
     """Evaluate every N optimizer steps (0: only at the start and the end)."""
     save_every: int = 0
@@ -158,6 +161,7 @@ class TrainingSection:
              "training.eval_every and save_every must be >= 0, log_every >= 1"),
             (self.keep_last >= 1, "training.keep_last must be >= 1"),
             (self.strategy in STRATEGIES, f"training.strategy must be one of {', '.join(STRATEGIES)}"),
+            (self.kernels in KERNELS, f"training.kernels must be one of {', '.join(KERNELS)}"),
             (self.gradient_checkpointing or not self.offload_activations,
              "training.offload_activations moves the checkpointed layer inputs to CPU memory, so it needs "
              "training.gradient_checkpointing: true"),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from .. import inject, io
 from ..errors import LoraError
+from ..kernels.model import kernels_wanted, use_kernels
 from ..schema import to_dict
 from . import checkpoint as ckpt
 from .compilation import compile_decoder_layers
@@ -89,6 +90,13 @@ class RowStream:
 
 
 def train(cfg: TrainConfig) -> RunSummary:
+    """Run the training `cfg` describes; what it changed outside the model (the Triton kernels'
+    RoPE, a process-wide patch) is undone when it returns or fails."""
+    with ExitStack() as cleanup:
+        return _train(cfg, cleanup)
+
+
+def _train(cfg: TrainConfig, cleanup: ExitStack) -> RunSummary:
     t = cfg.training
     out = Path(cfg.output.dir)
     dist = Dist.setup(t.strategy, resolve_device(cfg.model.device))
@@ -116,6 +124,11 @@ def train(cfg: TrainConfig) -> RunSummary:
         _enable_checkpointing(model, offload=t.offload_activations and device.type == "cuda")
     if t.compile:
         log(f"training.compile: compiling {compile_decoder_layers(model)} decoder layers (on the first steps)")
+    kernel_loss = kernels_wanted(t.kernels, device, t.compile)
+    if kernel_loss:
+        kernels = use_kernels(model)
+        cleanup.callback(kernels.remove)
+        log(kernels.describe())
     log(inject.trainable_summary(model))
     step_model = dist.wrap(model)
     if dist.world > 1:
@@ -165,7 +178,7 @@ def train(cfg: TrainConfig) -> RunSummary:
                 for batch in micro:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with autocast():
-                        s, _ = loss_sum(step_model, batch, chunked=t.chunked_loss)
+                        s, _ = loss_sum(step_model, batch, chunked=t.chunked_loss, kernel=kernel_loss)
                     aux = trainee.aux_losses(model)
                     # DDP averages gradients over processes: scale by world so the result is the sum / n_trained
                     loss = s * dist.world / n_trained + sum(w * v for w, v in aux.values()) / t.grad_accum

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+from ..kernels.model import runs_on
 from ..layers import ModulesToSave
-from ..ops.chunked_ce import chunked_cross_entropy
+from ..ops.chunked_ce import KERNEL_DTYPES, chunked_cross_entropy
 from .data import IGNORE_INDEX
 
 # models seen to change their logits after the output head: the plain path for them from then on
@@ -43,9 +44,11 @@ _HEAD_OUTPUT_CHANGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _HEAD_OUTPUT_KEPT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def loss_sum(model: nn.Module, batch: dict[str, Tensor], chunked: bool = False) -> tuple[Tensor, Tensor]:
+def loss_sum(model: nn.Module, batch: dict[str, Tensor], chunked: bool = False,
+             kernel: bool = False) -> tuple[Tensor, Tensor]:
     """(sum of next-token cross-entropy over trained positions, number of trained positions).
-    `chunked`: compute it without the full logits where that is exact (module docstring)."""
+    `chunked`: compute it without the full logits where that is exact (module docstring);
+    `kernel`: with the Triton kernel for each chunk's softmax (lorakit.kernels.cross_entropy)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]                                       # (B, T-1): token t predicts t+1
@@ -60,7 +63,7 @@ def loss_sum(model: nn.Module, batch: dict[str, Tensor], chunked: bool = False) 
         if capture.exact_for(logits, labels.shape):
             del logits
             _HEAD_OUTPUT_KEPT.add(inner)
-            return _chunked_loss(capture.hidden, _linear_of(head), labels), n
+            return _chunked_loss(capture.hidden, _linear_of(head), labels, kernel), n
         del logits, capture
         _HEAD_OUTPUT_CHANGED.add(inner)
         warnings.warn(f"training.chunked_loss: {type(inner).__name__} changes its logits after the output head "
@@ -74,14 +77,15 @@ def loss_sum(model: nn.Module, batch: dict[str, Tensor], chunked: bool = False) 
     return loss, n
 
 
-def _chunked_loss(hidden: Tensor, head: nn.Linear, labels: Tensor) -> Tensor:
+def _chunked_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, kernel: bool) -> Tensor:
     """The loss from the head's input hidden (B, T, d), in the dtype `F.linear` would compute in."""
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
     # position t predicts label t+1; the last position predicts nothing: no copy of hidden needed
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)    # (B, T)
-    return chunked_cross_entropy(hidden.to(dtype).flatten(0, 1), weight, targets.flatten(), bias)
+    kernel = kernel and dtype in KERNEL_DTYPES and runs_on(hidden)
+    return chunked_cross_entropy(hidden.to(dtype).flatten(0, 1), weight, targets.flatten(), bias, kernel=kernel)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,222 @@
+"""Put the Triton kernels into a transformers model: `use_kernels(model)`.
+
+What is replaced is found by its code, not by its class name: a module whose `forward` is compiled
+from the same code as Llama's RMSNorm (or MLP), and a modeling module whose `apply_rotary_pos_emb`
+is Llama's, compute exactly what the kernel computes. transformers generates those for Mistral,
+Qwen2/3 and many others from Llama's source, so they are covered too, and a family whose code
+differs (Gemma's 1 + weight norm, a GELU MLP) keeps its own.
+
+  - RMSNorm modules: `forward` set on the instance to `rms_norm`;
+  - MLP modules computing down(silu(gate(x)) * up(x)): `forward` set on the instance to one that
+    multiplies with `swiglu`, whose output is registered with `lorakit.ops.recompute` so that
+    down_proj's adapter rebuilds its input from the two factors, as on the PyTorch path;
+  - RoPE: the attention looks `apply_rotary_pos_emb` up in its modeling module's globals, so that
+    global is replaced (restored when the last `KernelPatch` using it is removed) by a dispatcher
+    that runs the kernel only inside the forward of an attention module of a patched model (their
+    `forward` is wrapped on the instance to say so; checkpointing's recompute goes through it too),
+    and the original everywhere else: other models in the process are not touched.
+
+Every replacement checks its input: tensors on which Triton cannot run (CPU, outside the
+interpreter) go to the original PyTorch code, so a patched model still runs after `.cpu()`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import recompute
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET=1): kernels run on CPU tensors, slowly."""
+    if not triton_importable():
+        return False
+    from triton import knobs
+    return bool(knobs.runtime.interpret)
+
+
+def runs_on(t: Tensor) -> bool:
+    """Whether the kernels can take this tensor."""
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def _same_code(f: Callable, g: Callable) -> bool:
+    """Compiled from the same source: same bytecode, names and non-string constants (docstrings
+    and comments may differ between transformers' generated copies)."""
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    if a is None or b is None:
+        return False
+    consts = lambda c: tuple(x for x in c.co_consts if not isinstance(x, str))   # noqa: E731
+    return a.co_code == b.co_code and a.co_names == b.co_names and consts(a) == consts(b)
+
+
+def _llama():
+    from transformers.models.llama import modeling_llama
+    return modeling_llama
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    return _same_code(type(module).forward, _llama().LlamaRMSNorm.forward)
+
+
+def _is_swiglu_mlp(module: nn.Module) -> bool:
+    if not _same_code(type(module).forward, _llama().LlamaMLP.forward):
+        return False
+    act = getattr(module, "act_fn", None)
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _norm_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    original = types.MethodType(type(module).forward, module)
+
+    def forward(hidden_states: Tensor) -> Tensor:
+        if not runs_on(hidden_states):
+            return original(hidden_states)
+        from .rms_norm import rms_norm
+        return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+    return forward
+
+
+def _product(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up by the kernel, registered so that an adapter reading it rebuilds it."""
+    from .swiglu import swiglu
+    out = swiglu(gate, up)
+    if gate.requires_grad and up.requires_grad:
+        # swiglu's backward keeps gate and up: rebuilding the product from them keeps nothing more
+        recompute.record_output(out, recompute.Recipe(swiglu, (gate, up), None))
+    return out
+
+
+def _mlp_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    original = types.MethodType(type(module).forward, module)
+
+    def forward(x: Tensor) -> Tensor:
+        if not runs_on(x):
+            return original(x)
+        return module.down_proj(_product(module.gate_proj(x), module.up_proj(x)))
+    return forward
+
+
+# modeling module -> [original apply_rotary_pos_emb, how many patches use the replacement]
+_ROPE_USERS: dict[types.ModuleType, list] = {}
+# inside the forward of an attention module of a patched model
+_IN_PATCHED_ATTENTION = contextvars.ContextVar("lorakit_kernels_rope", default=False)
+
+
+def _calls_rope(module: nn.Module) -> bool:
+    code = getattr(type(module).forward, "__code__", None)
+    return code is not None and "apply_rotary_pos_emb" in code.co_names
+
+
+def _attention_forward(module: nn.Module) -> Callable:
+    original = types.MethodType(type(module).forward, module)
+
+    def forward(*args, **kwargs):
+        token = _IN_PATCHED_ATTENTION.set(True)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _IN_PATCHED_ATTENTION.reset(token)
+    return forward
+
+
+def _rope_dispatch(original: Callable) -> Callable:
+    def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
+        if not (_IN_PATCHED_ATTENTION.get() and runs_on(q)):
+            return original(q, k, cos, sin, unsqueeze_dim)
+        from .rope import rope
+        return rope(q, k, cos, sin, unsqueeze_dim)
+    apply_rotary_pos_emb.__wrapped__ = original
+    return apply_rotary_pos_emb
+
+
+@dataclass
+class KernelPatch:
+    """What `use_kernels` replaced; `remove()` puts the PyTorch code back."""
+
+    norms: list[nn.Module] = field(default_factory=list)
+    mlps: list[nn.Module] = field(default_factory=list)
+    attentions: list[nn.Module] = field(default_factory=list)
+    rope_modules: list[types.ModuleType] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (f"Triton kernels: {len(self.norms)} RMSNorm, {len(self.mlps)} SwiGLU MLP, "
+                f"{len(self.attentions)} RoPE attention modules, the chunked loss")
+
+    def remove(self) -> None:
+        for module in self.norms + self.mlps + self.attentions:
+            vars(module).pop("forward", None)
+        for mod in self.rope_modules:
+            users = _ROPE_USERS[mod]
+            users[1] -= 1
+            if users[1] == 0:
+                mod.apply_rotary_pos_emb = users[0]
+                del _ROPE_USERS[mod]
+        self.norms, self.mlps, self.attentions, self.rope_modules = [], [], [], []
+
+
+def use_kernels(model: nn.Module) -> KernelPatch:
+    """Route the model's RMSNorm, SwiGLU and RoPE through the Triton kernels (module docstring).
+    Needs triton (`pip install lorakit[kernels]`; CUDA builds of torch bring it)."""
+    if not triton_importable():
+        raise ImportError("lorakit's Triton kernels need triton: pip install 'lorakit[kernels]' "
+                          "(CUDA builds of torch include it), or set training.kernels: torch")
+    patch = KernelPatch()
+    rope_original = _llama().apply_rotary_pos_emb
+    for module in model.modules():
+        if "forward" in vars(module):     # already replaced (by us or by someone else): leave it
+            continue
+        if _is_rms_norm(module):
+            module.forward = _norm_forward(module)
+            patch.norms.append(module)
+        elif _is_swiglu_mlp(module):
+            module.forward = _mlp_forward(module)
+            patch.mlps.append(module)
+        elif _calls_rope(module):
+            mod = sys.modules[type(module).__module__]
+            if not (mod in patch.rope_modules or mod in _ROPE_USERS
+                    or _same_code(getattr(mod, "apply_rotary_pos_emb", None), rope_original)):
+                continue      # another RoPE (partial rotary, interleaved, ...): PyTorch's
+            if mod not in patch.rope_modules:
+                if mod not in _ROPE_USERS:
+                    _ROPE_USERS[mod] = [mod.apply_rotary_pos_emb, 0]
+                    mod.apply_rotary_pos_emb = _rope_dispatch(mod.apply_rotary_pos_emb)
+                _ROPE_USERS[mod][1] += 1
+                patch.rope_modules.append(mod)
+            module.forward = _attention_forward(module)
+            patch.attentions.append(module)
+    return patch
+
+
+def kernels_wanted(setting: str, device: torch.device, compiling: bool) -> bool:
+    """`training.kernels`: triton, torch, or auto (triton on CUDA when it is installed, unless
+    torch.compile runs: inductor then writes its own Triton kernels for these ops)."""
+    if setting == "torch":
+        return False
+    if setting == "triton":
+        if not triton_importable():
+            raise ImportError("training.kernels: triton needs triton: pip install 'lorakit[kernels]' "
+                              "(CUDA builds of torch include it), or set training.kernels: torch")
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(f"training.kernels: triton runs on CUDA, not {device.type}; set training.kernels: "
+                             "torch (or auto), or TRITON_INTERPRET=1 to run the kernels in Triton's "
+                             "interpreter (slow: for tests)")
+        return True
+    return device.type == "cuda" and not compiling and triton_importable()
