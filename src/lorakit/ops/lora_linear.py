@@ -38,27 +38,31 @@ from .recompute import Recipe
 
 
 def _keep(shape: torch.Size, device: torch.device, p: float, seed: int) -> Tensor:
-    """Which entries dropout keeps (bool), drawn from `seed`: same seed, same mask.
+    """Which entries dropout keeps, as fp32 0/1, drawn from `seed`: same seed, same mask.
 
-    Built from `rand >= p` into a fresh contiguous buffer, so it never depends on the strides of
-    the tensor it is applied to; `rand` is about twice as fast as `bernoulli_` on CPU.
+    `rand >= p` in place in a fresh contiguous buffer: the 0/1 floats are what the forward multiplies
+    x by and packs into bits, with no bool or scaled copy between (`rand` is about twice as fast as
+    `bernoulli_` on CPU). The 1/(1-p) of inverted dropout is applied to the (N, r) products instead
+    (see `_add_term`), so no pass over the (N, d_in) mask is spent on it.
     """
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return torch.rand(shape, generator=gen, device=device).ge_(p).bool()
+    return torch.rand(shape, generator=gen, device=device).ge_(p)
 
 
 _BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def _pack_bits(keep: Tensor) -> Tensor:
-    """bool (N, d) -> uint8 (ceil(N d / 8),): bit j of byte i is entry 8 i + j (row-major)."""
-    flat = keep.reshape(-1)
+    """0/1 (N, d), float or bool -> uint8 (ceil(N d / 8),): bit j of byte i is entry 8 i + j
+    (row-major). One matrix-vector product of the (N d / 8, 8) view with the bit values: exact (sums
+    of at most 255 in fp32), and one pass where a multiply and a sum over 8 would be two."""
+    flat = keep.reshape(-1).to(torch.float32)
     pad = -flat.numel() % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    values = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=keep.device)
-    return (flat.view(-1, 8).to(torch.uint8) * values).sum(1, dtype=torch.uint8)
+    values = torch.tensor(_BIT_VALUES, dtype=torch.float32, device=keep.device)
+    return torch.mv(flat.view(-1, 8), values).to(torch.uint8)
 
 
 def _unpack_bits(bits: Tensor, shape: torch.Size) -> Tensor:
@@ -67,19 +71,20 @@ def _unpack_bits(bits: Tensor, shape: torch.Size) -> Tensor:
     return (bits[:, None] >> shifts).bitwise_and_(1).view(-1)[:shape.numel()].view(shape)
 
 
-def _multiplier(shape: torch.Size, dtype: torch.dtype, p: float, keep: Tensor) -> Tensor:
-    """The dropout multiplier (N, d_in), 0 or 1/(1-p), from the kept-entries mask (bool or 0/1)."""
-    return keep.reshape(shape).to(dtype).div_(1.0 - p)
-
-
 def _add_term(out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scaling: float, p: float,
               keep: Tensor | None) -> Tensor:
     """The forward: add the LoRA term into `out`; returns h = dropout(x) @ A^T for backward.
-    keep: under torch.compile, the dropout mask drawn in the graph (bool, x's shape); else None."""
+    keep: the dropout mask (0/1 of x's shape, any dtype) when p > 0.
+
+    dropout(x) = (x * keep) / (1 - p); the division is applied to h (N, r), not to the (N, d_in)
+    input: the same product up to float rounding, with one pass over the input fewer."""
     dtype = out.dtype
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)                    # (N, d_in)
-    xd = x2 * _multiplier(x2.shape, dtype, p, keep) if p > 0 else x2
-    h = xd @ A.to(dtype).t()                                      # (N, r)
+    if p > 0:
+        h = (x2 * keep.reshape(x2.shape).to(dtype)) @ A.to(dtype).t()   # (N, r)
+        h.mul_(1.0 / (1.0 - p))
+    else:
+        h = x2 @ A.to(dtype).t()                                  # (N, r)
     out2 = out.view(-1, out.shape[-1])                            # (N, d_out)
     out2.addmm_(h, B.to(dtype).t(), alpha=scaling)
     if bias is not None:
@@ -111,7 +116,7 @@ class _LoraLinear(torch.autograd.Function):
         A, B, h, keep, *xs = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         if ctx.packed:
-            keep = _unpack_bits(keep, torch.Size((h.shape[0], A.shape[1])))      # (N, d_in)
+            keep = _unpack_bits(keep, torch.Size((h.shape[0], A.shape[1])))      # (N, d_in) 0/1
         dtype = grad_out.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1])              # (N, d_out)
         grad_x = grad_A = grad_B = grad_bias = None
@@ -121,8 +126,9 @@ class _LoraLinear(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             grad_bias = (g.sum(0) * s).to(B.dtype)                 # (d_out,)
         if need_x or need_A:
-            gh = (g @ B.to(dtype)).mul_(s)                         # (N, r)
-            mask = _multiplier(gh.shape[:1] + A.shape[1:], dtype, p, keep) if p > 0 else None
+            # the 1/(1-p) of dropout(x) = x * keep / (1-p), folded into the (N, r) factor
+            gh = (g @ B.to(dtype)).mul_(s / (1.0 - p))             # (N, r)
+            mask = keep.reshape(gh.shape[:1] + A.shape[1:]).to(dtype) if p > 0 else None   # (N, d_in) 0/1
             if need_A:
                 x = ctx.rebuild(*xs) if ctx.rebuild is not None else xs[0]
                 x2 = x.reshape(-1, x.shape[-1]).to(dtype)
