@@ -50,6 +50,35 @@ def test_gradients_are_bit_identical_to_keeping_the_input(make, dropout, autocas
         assert torch.equal(grads[name], kept[name]), name
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_each_norm_output_is_rebuilt_once_for_all_its_adapters(ids, checkpointing, monkeypatch):
+    """q, k and v read one norm output, gate and up another: backward rebuilds each once, not once
+    per adapter."""
+    model = _adapted(tiny_llama())
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    norm_class = type(model.model.norm)
+    forward = norm_class.forward
+
+    def counted(self, x):
+        if self is not model.model.norm:     # the final norm feeds the head, no adapter
+            calls.append(torch.is_grad_enabled())
+        return forward(self, x)
+    monkeypatch.setattr(norm_class, "forward", counted)
+    loss = model(ids, labels=ids).loss
+    forward_calls = len(calls)
+    calls.clear()
+    loss.backward()
+    layers_n = model.config.num_hidden_layers
+    assert forward_calls == 2 * layers_n
+    # backward: the rebuilds run without grad (plus, with checkpointing, the recomputed forward's);
+    # the first norm's input (the frozen embeddings' output) has no graph unless checkpointing
+    # makes it require grad, so its adapters keep their input instead
+    assert calls.count(False) == 2 * layers_n - (0 if checkpointing else 1)
+    assert calls.count(True) == (2 * layers_n if checkpointing else 0)
+
+
 def test_gradients_with_activation_checkpointing(ids, monkeypatch):
     model = _adapted(tiny_llama(), 0.1)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -106,7 +106,8 @@ class _LoraLinear(torch.autograd.Function):
         xs = recipe.inputs if recipe is not None else (x,)
         ctx.save_for_backward(A, B, h, _pack_bits(keep) if packed else keep, *xs)
         ctx.packed = packed
-        ctx.rebuild = recipe.rebuild() if recipe is not None else None
+        # x is needed only for A's gradient: only then does backward ask the recipe for it
+        ctx.rebuild = recipe.rebuild() if recipe is not None and ctx.needs_input_grad[2] else None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
         return out

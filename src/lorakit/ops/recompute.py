@@ -33,11 +33,21 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+
+class _Rebuilt:
+    """One rebuild of x for all the adapters that read it (q, k and v read one norm output, gate
+    and up another): x is kept from the first of their backward calls to the last, not rebuilt by
+    each. `pending` counts the adapters whose backward will still ask for it."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.x: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -47,20 +57,29 @@ class Recipe:
     fn: Callable[..., Tensor]
     inputs: tuple[Tensor, ...]
     autocast: tuple[str, bool, torch.dtype] | None
+    shared: _Rebuilt = field(default_factory=_Rebuilt, compare=False, repr=False)
 
     def rebuild(self) -> Callable[..., Tensor]:
-        """x as a function of the recipe's tensors as backward unpacks them. Holds no tensor, so
-        keeping it on an autograd context keeps nothing alive (the tensors go through
-        save_for_backward, where checkpointing and offloading hooks see them)."""
-        fn, autocast = self.fn, self.autocast
+        """x as a function of the recipe's tensors as backward unpacks them, for one adapter whose
+        backward will call it once. Holds no tensor until backward (the tensors go through
+        save_for_backward, where checkpointing and offloading hooks see them); the adapters that
+        share this recipe share one rebuilt x, dropped after the last of them has used it."""
+        fn, autocast, shared = self.fn, self.autocast, self.shared
+        shared.pending += 1
 
         def replay(*inputs: Tensor) -> Tensor:
-            with torch.no_grad():
-                if autocast is None:
-                    return fn(*inputs)
-                device_type, enabled, dtype = autocast
-                with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                    return fn(*inputs)
+            x = shared.x
+            if x is None:
+                with torch.no_grad():
+                    if autocast is None:
+                        x = fn(*inputs)
+                    else:
+                        device_type, enabled, dtype = autocast
+                        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                            x = fn(*inputs)
+            shared.pending -= 1
+            shared.x = x if shared.pending > 0 else None
+            return x
         return replay
 
 
