@@ -148,13 +148,26 @@ def test_other_models_keep_pytorch(patched, ids, monkeypatch):
     assert torch.equal(got, want)
 
 
-def test_kernels_wanted():
+def test_kernels_wanted(monkeypatch):
+    monkeypatch.setattr(km.selfcheck, "self_check", lambda device: None)   # no CUDA device to check here
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert km.kernels_wanted("torch", cuda, compiling=False) is False
     assert km.kernels_wanted("auto", cpu, compiling=False) is False
     assert km.kernels_wanted("auto", cuda, compiling=True) is False       # inductor writes its own
     assert km.kernels_wanted("auto", cuda, compiling=False) is True
     assert km.kernels_wanted("triton", cpu, compiling=False) is True      # the interpreter is on here
+
+
+def test_kernels_that_fail_their_check_are_not_used(monkeypatch):
+    monkeypatch.setattr(km.selfcheck, "self_check", lambda device: "swiglu (torch.float32) differs")
+    with pytest.warns(UserWarning, match=re.escape(
+            "training.kernels: auto: the Triton kernels failed their check against PyTorch on cuda "
+            "(swiglu (torch.float32) differs); this run uses the PyTorch path")):
+        assert km.kernels_wanted("auto", torch.device("cuda"), compiling=False) is False
+    with pytest.raises(RuntimeError, match="^" + re.escape(
+            "training.kernels: triton: the Triton kernels failed their check against PyTorch on cpu: "
+            "swiglu (torch.float32) differs; set training.kernels: torch") + "$"):
+        km.kernels_wanted("triton", torch.device("cpu"), compiling=False)
 
 
 def test_kernels_wanted_errors(monkeypatch):

@@ -26,6 +26,7 @@ import contextvars
 import functools
 import sys
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import recompute
+from . import selfcheck
 
 
 @functools.cache
@@ -207,7 +209,9 @@ def use_kernels(model: nn.Module) -> KernelPatch:
 
 def kernels_wanted(setting: str, device: torch.device, compiling: bool) -> bool:
     """`training.kernels`: triton, torch, or auto (triton on CUDA when it is installed, unless
-    torch.compile runs: inductor then writes its own Triton kernels for these ops)."""
+    torch.compile runs: inductor then writes its own Triton kernels for these ops). Either way the
+    kernels must first pass `selfcheck.self_check` on the device: under auto a failure means
+    PyTorch with a warning, under triton an error."""
     if setting == "torch":
         return False
     if setting == "triton":
@@ -218,5 +222,16 @@ def kernels_wanted(setting: str, device: torch.device, compiling: bool) -> bool:
             raise ValueError(f"training.kernels: triton runs on CUDA, not {device.type}; set training.kernels: "
                              "torch (or auto), or TRITON_INTERPRET=1 to run the kernels in Triton's "
                              "interpreter (slow: for tests)")
+        problem = selfcheck.self_check(device)
+        if problem:
+            raise RuntimeError(f"training.kernels: triton: the Triton kernels failed their check against "
+                               f"PyTorch on {device}: {problem}; set training.kernels: torch")
         return True
-    return device.type == "cuda" and not compiling and triton_importable()
+    if device.type != "cuda" or compiling or not triton_importable():
+        return False
+    problem = selfcheck.self_check(device)
+    if problem:
+        warnings.warn(f"training.kernels: auto: the Triton kernels failed their check against PyTorch on "
+                      f"{device} ({problem}); this run uses the PyTorch path", stacklevel=2)
+        return False
+    return True
