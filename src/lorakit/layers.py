@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import AdapterStateError, ConfigError, TargetModulesError
+from .kernels.common import runs_on
 from .ops import lora_linear_
 from .ops.recompute import find_recipe, record_factor
 from .quantize import dequantize_weight, is_4bit, weight_dtype
@@ -217,6 +218,9 @@ class LoraLinear(LoraLayer):
     bitsandbytes 4-bit `Linear4bit` (QLoRA: its forward dequantizes, the adapter term adds on top;
     merging needs a dequantized base, see `check_mergeable`)."""
 
+    dropout_kernel = False
+    """Draw the dropout masks with the Triton kernels (set by `lorakit.kernels.model.use_kernels`)."""
+
     def __init__(self, base_layer: nn.Module, module_name: str, fan_in_fan_out: bool) -> None:
         super().__init__(base_layer, module_name)
         self.fan_in_fan_out = fan_in_fan_out
@@ -356,6 +360,7 @@ class LoraLinear(LoraLayer):
             # DoRA terms first: they add out of place, so the in-place LoRA adds below never
             # touch `base_out`.
             names = sorted(names, key=lambda n: not self.use_dora[n])
+        kernel = self.dropout_kernel and self.training and runs_on(x)
         for name in names:
             p = self.lora_dropout[name] if self.training else 0.0
             if self.use_dora[name]:
@@ -363,7 +368,7 @@ class LoraLinear(LoraLayer):
             else:
                 B = self.lora_B[name]
                 result = lora_linear_(result, x, self.lora_A[name].weight, B.weight, B.bias, self.scaling[name], p,
-                                      recipe)
+                                      recipe, kernel)
         if self.training:
             record_factor(result)   # down_proj may read it, as a factor of the MLP product
         return result

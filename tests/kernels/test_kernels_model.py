@@ -53,14 +53,17 @@ def test_llama_modules_are_routed_through_the_kernels(patched):
     assert len(patch.attentions) == layers
     assert patch.rope_modules == [modeling_llama]
     assert modeling_llama.apply_rotary_pos_emb.__wrapped__ is not None
+    assert all(isinstance(m, lk.layers.LoraLinear) and m.dropout_kernel for m in patch.adapted)
+    assert len(patch.adapted) == 7 * layers
     assert patch.describe() == (f"Triton kernels: {2 * layers + 1} RMSNorm, {layers} SwiGLU MLP, "
-                                f"{layers} RoPE attention modules, the chunked loss")
+                                f"{layers} RoPE attention modules, dropout in {7 * layers} adapted layers, "
+                                "the chunked loss")
 
 
 def test_gpt2_has_nothing_to_route(patched):
     patch = km.use_kernels(tiny_gpt2())
     patched.append(patch)
-    assert (patch.norms, patch.mlps, patch.attentions, patch.rope_modules) == ([], [], [], [])
+    assert (patch.norms, patch.mlps, patch.attentions, patch.adapted, patch.rope_modules) == ([], [], [], [], [])
 
 
 def test_loss_and_adapter_gradients_are_unchanged(patched, ids):
@@ -72,6 +75,29 @@ def test_loss_and_adapter_gradients_are_unchanged(patched, ids):
     assert got.keys() == want.keys() and len(got) == 7 * 2 * 2
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_dropout_masks_follow_the_seed_and_checkpointing_draws_them_again(patched, ids):
+    """With dropout the kernels draw other masks than PyTorch's generator, so the reference is the
+    kernels themselves: a seeded step is reproducible, and activation checkpointing, which restores
+    the RNG state before recomputing a layer, gets the same masks (same loss and gradients)."""
+    model = adapted_llama(dropout=0.2)
+    patched.append(km.use_kernels(model))
+
+    def seeded():
+        torch.manual_seed(5)
+        return loss_and_grads(model, ids)
+    loss, grads = seeded()
+    again, grads_again = seeded()
+    assert torch.equal(loss, again) and all(torch.equal(grads[n], grads_again[n]) for n in grads)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt_loss, ckpt_grads = seeded()
+    torch.testing.assert_close(ckpt_loss, loss, rtol=1e-6, atol=0)
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], rtol=1e-5, atol=1e-7)
+    torch.manual_seed(6)
+    other, _ = loss_and_grads(model, ids)
+    assert not torch.equal(other, loss)          # another seed, other masks
 
 
 def saved_bytes(model, ids):
@@ -105,6 +131,17 @@ def test_adapters_still_rebuild_their_inputs(patched, ids, monkeypatch):
     assert saved_bytes(model, ids) - after == model.config.num_hidden_layers * product
 
 
+def test_dropout_kernels_keep_the_same_bits(patched, ids):
+    """The kernels keep each mask as the same number of bits as the PyTorch path."""
+    model = adapted_llama(dropout=0.2)
+    torch_bytes = saved_bytes(model, ids)
+    patch = km.use_kernels(model)
+    patched.append(patch)
+    for m in patch.norms + patch.mlps + patch.attentions:    # only the dropout kernels
+        vars(m).pop("forward")
+    assert saved_bytes(model, ids) == torch_bytes
+
+
 def test_remove_restores_the_pytorch_code(patched):
     original = modeling_llama.apply_rotary_pos_emb
     model = adapted_llama()
@@ -112,7 +149,7 @@ def test_remove_restores_the_pytorch_code(patched):
     assert modeling_llama.apply_rotary_pos_emb is not original
     assert all("forward" in vars(m) for m in first.norms + first.mlps + first.attentions)
     first.remove()
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert not any("forward" in vars(m) or "dropout_kernel" in vars(m) for m in model.modules())
     assert modeling_llama.apply_rotary_pos_emb is not original      # the second model still uses it
     second.remove()
     assert modeling_llama.apply_rotary_pos_emb is original

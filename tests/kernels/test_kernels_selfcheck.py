@@ -57,3 +57,12 @@ def test_a_wrong_loss_kernel_is_named(monkeypatch):
     real = cross_entropy.cross_entropy_rows_
     monkeypatch.setattr(cross_entropy, "cross_entropy_rows_", lambda z, t, write_grad: real(z, t, write_grad) + 0.1)
     assert selfcheck.self_check(CPU) == "cross_entropy (torch.float32) differs from F.cross_entropy"
+
+
+def test_a_wrong_dropout_kernel_is_named(monkeypatch):
+    from lorakit.kernels import dropout
+
+    real = dropout.dropout_pack
+    monkeypatch.setattr(dropout, "dropout_pack", lambda x, p, seed: (x.clone(), real(x, p, seed)[1]))
+    problem = selfcheck.self_check(CPU)
+    assert problem.startswith("dropout (torch.float32) differs from its mask's bits (kept 0.")

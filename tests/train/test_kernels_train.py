@@ -19,23 +19,36 @@ def run(overrides):
     return train(load_config(None, overrides))
 
 
-@pytest.mark.parametrize("extra", [[], ["lora.lora_dropout=0.1", "training.gradient_checkpointing=true"]],
-                         ids=["plain", "dropout_checkpointing"])
-def test_training_with_the_kernels_equals_pytorch(base_overrides, tmp_path, extra, capsys):
-    rope = modeling_llama.apply_rotary_pos_emb
-    common = base_overrides + extra + ["training.max_steps=3", "data.eval=null"]
-    torch_run = run(common + ["training.kernels=torch", f"output.dir={tmp_path / 'torch'}"])
-    assert "Triton kernels" not in capsys.readouterr().out
-    kernel_run = run(common + ["training.kernels=triton", f"output.dir={tmp_path / 'triton'}"])
-    assert "Triton kernels: 5 RMSNorm, 2 SwiGLU MLP, 2 RoPE attention modules, the chunked loss" \
-        in capsys.readouterr().out
-    assert modeling_llama.apply_rotary_pos_emb is rope          # undone when the run ended
-    assert kernel_run.losses == pytest.approx(torch_run.losses, rel=1e-5)
-    a = load_file(Path(tmp_path / "torch") / "adapter_model.safetensors")
-    b = load_file(Path(tmp_path / "triton") / "adapter_model.safetensors")
+def assert_same_adapters(a_dir, b_dir):
+    a = load_file(Path(a_dir) / "adapter_model.safetensors")
+    b = load_file(Path(b_dir) / "adapter_model.safetensors")
     assert a.keys() == b.keys() and a
     for k in a:   # Adam divides by the gradient's scale, so float rounding shows at ~1e-6
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
+
+
+def test_training_with_the_kernels_equals_pytorch(base_overrides, tmp_path, capsys):
+    rope = modeling_llama.apply_rotary_pos_emb
+    common = base_overrides + ["training.max_steps=3", "data.eval=null"]
+    torch_run = run(common + ["training.kernels=torch", f"output.dir={tmp_path / 'torch'}"])
+    assert "Triton kernels" not in capsys.readouterr().out
+    kernel_run = run(common + ["training.kernels=triton", f"output.dir={tmp_path / 'triton'}"])
+    assert ("Triton kernels: 5 RMSNorm, 2 SwiGLU MLP, 2 RoPE attention modules, dropout in 14 adapted layers, "
+            "the chunked loss") in capsys.readouterr().out
+    assert modeling_llama.apply_rotary_pos_emb is rope          # undone when the run ended
+    assert kernel_run.losses == pytest.approx(torch_run.losses, rel=1e-5)
+    assert_same_adapters(tmp_path / "torch", tmp_path / "triton")
+
+
+def test_dropout_masks_of_the_kernels_are_redrawn_by_checkpointing(base_overrides, tmp_path):
+    """The kernels draw their own dropout masks (another stream than PyTorch's), so the check is
+    against the kernels without checkpointing: recomputing a layer draws the same masks again."""
+    common = base_overrides + ["training.max_steps=2", "data.eval=null", "lora.lora_dropout=0.1",
+                               "training.kernels=triton"]
+    plain = run(common + [f"output.dir={tmp_path / 'plain'}"])
+    ckpt = run(common + ["training.gradient_checkpointing=true", f"output.dir={tmp_path / 'ckpt'}"])
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert_same_adapters(tmp_path / "plain", tmp_path / "ckpt")
 
 
 def test_kernels_setting_is_checked(base_overrides):

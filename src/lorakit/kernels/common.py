@@ -1,6 +1,9 @@
-"""What every kernel checks of its tensors (no triton import: `lorakit.ops` reads the dtypes)."""
+"""Where the kernels can run and what every kernel checks of its tensors. No triton import at
+module level: `lorakit.ops`, `lorakit.layers` and the training loop read this without triton."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -17,3 +20,25 @@ def check_tensor(kernel: str, name: str, t: Tensor, fallback: str, interpreted: 
     if t.device.type != "cuda" and not interpreted:
         raise ValueError(f"{kernel} kernel: {name} is on {t.device}, the kernel needs CUDA tensors; use the "
                          f"PyTorch path ({fallback}) on CPU")
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET=1): kernels run on CPU tensors, slowly."""
+    if not triton_importable():
+        return False
+    from triton import knobs
+    return bool(knobs.runtime.interpret)
+
+
+def runs_on(t: Tensor) -> bool:
+    """Whether the kernels can take this tensor."""
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())

@@ -10,6 +10,8 @@ differs (Gemma's 1 + weight norm, a GELU MLP) keeps its own.
   - MLP modules computing down(silu(gate(x)) * up(x)): `forward` set on the instance to one that
     multiplies with `swiglu`, whose output is registered with `lorakit.ops.recompute` so that
     down_proj's adapter rebuilds its input from the two factors, as on the PyTorch path;
+  - adapted linear layers (`lorakit.layers.LoraLinear`): their dropout masks drawn, applied and
+    packed by `lorakit.kernels.dropout` in one pass;
   - RoPE: the attention looks `apply_rotary_pos_emb` up in its modeling module's globals, so that
     global is replaced (restored when the last `KernelPatch` using it is removed) by a dispatcher
     that runs the kernel only inside the forward of an attention module of a patched model (their
@@ -23,7 +25,6 @@ interpreter) go to the original PyTorch code, so a patched model still runs afte
 from __future__ import annotations
 
 import contextvars
-import functools
 import sys
 import types
 import warnings
@@ -33,30 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..layers import LoraLinear
 from ..ops import recompute
 from . import selfcheck
-
-
-@functools.cache
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def interpreting() -> bool:
-    """Triton's interpreter is on (TRITON_INTERPRET=1): kernels run on CPU tensors, slowly."""
-    if not triton_importable():
-        return False
-    from triton import knobs
-    return bool(knobs.runtime.interpret)
-
-
-def runs_on(t: Tensor) -> bool:
-    """Whether the kernels can take this tensor."""
-    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+from .common import interpreting, runs_on, triton_importable
 
 
 def _same_code(f: Callable, g: Callable) -> bool:
@@ -156,22 +137,26 @@ class KernelPatch:
     norms: list[nn.Module] = field(default_factory=list)
     mlps: list[nn.Module] = field(default_factory=list)
     attentions: list[nn.Module] = field(default_factory=list)
+    adapted: list[nn.Module] = field(default_factory=list)
     rope_modules: list[types.ModuleType] = field(default_factory=list)
 
     def describe(self) -> str:
         return (f"Triton kernels: {len(self.norms)} RMSNorm, {len(self.mlps)} SwiGLU MLP, "
-                f"{len(self.attentions)} RoPE attention modules, the chunked loss")
+                f"{len(self.attentions)} RoPE attention modules, dropout in {len(self.adapted)} adapted "
+                "layers, the chunked loss")
 
     def remove(self) -> None:
         for module in self.norms + self.mlps + self.attentions:
             vars(module).pop("forward", None)
+        for module in self.adapted:
+            vars(module).pop("dropout_kernel", None)
         for mod in self.rope_modules:
             users = _ROPE_USERS[mod]
             users[1] -= 1
             if users[1] == 0:
                 mod.apply_rotary_pos_emb = users[0]
                 del _ROPE_USERS[mod]
-        self.norms, self.mlps, self.attentions, self.rope_modules = [], [], [], []
+        self.norms, self.mlps, self.attentions, self.adapted, self.rope_modules = [], [], [], [], []
 
 
 def use_kernels(model: nn.Module) -> KernelPatch:
@@ -183,6 +168,9 @@ def use_kernels(model: nn.Module) -> KernelPatch:
     patch = KernelPatch()
     rope_original = _llama().apply_rotary_pos_emb
     for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.dropout_kernel = True
+            patch.adapted.append(module)
         if "forward" in vars(module):     # already replaced (by us or by someone else): leave it
             continue
         if _is_rms_norm(module):

@@ -1,6 +1,6 @@
 """Each kernel once against its PyTorch reference, on the device a run is about to use.
 
-The kernels are tested in CI only in Triton's interpreter; a GPU compiles them with its own
+The kernels (the dropout's included) are tested in CI only in Triton's interpreter; a GPU compiles them with its own
 toolchain (Triton version, CUDA, architecture), where a miscompile or an unsupported feature shows
 only there. So before `lorakit train` relies on them it runs each one, forward and backward, on a
 few small tensors in fp32 and bf16, and compares with the PyTorch code it replaces. A failure
@@ -78,6 +78,20 @@ def _cross_entropy_problem(device: torch.device, dtype: torch.dtype) -> str | No
     return None
 
 
+def _dropout_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    from ..ops.lora_linear import _pack_bits, _unpack_bits
+    from .dropout import dropout_apply, dropout_pack
+
+    x = torch.randn(64, 203, generator=torch.Generator(device=device).manual_seed(3), device=device).to(dtype)
+    xd, bits = dropout_pack(x, 0.5, 17)
+    keep = _unpack_bits(bits, x.shape).bool()                         # (64, 203)
+    rate = keep.float().mean().item()
+    if not (torch.equal(bits, _pack_bits(keep)) and torch.equal(xd, x * keep)
+            and torch.equal(dropout_apply(x, bits), x * keep) and abs(rate - 0.5) < 5 * 0.5 / x.numel() ** 0.5):
+        return f"dropout ({dtype}) differs from its mask's bits (kept {rate:.3f} of entries at p=0.5)"
+    return None
+
+
 @functools.cache
 def self_check(device: torch.device) -> str | None:
     """None when every kernel matches PyTorch on `device`, else what failed (for the message)."""
@@ -88,7 +102,7 @@ def self_check(device: torch.device) -> str | None:
                 want = _outputs_and_grads(reference, inputs, seed=2)
                 if len(got) != len(want) or not all(_close(g, w, dtype) for g, w in zip(got, want, strict=True)):
                     return f"{name} ({dtype}) differs from its PyTorch reference"
-            problem = _cross_entropy_problem(device, dtype)
+            problem = _cross_entropy_problem(device, dtype) or _dropout_problem(device, dtype)
             if problem:
                 return problem
     except Exception as e:   # a compile or launch failure is a reason to use PyTorch, reported whole

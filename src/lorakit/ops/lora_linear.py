@@ -16,7 +16,9 @@ Here backward keeps only what it needs:
     unpacking: on a 2-core CPU a Llama step with dropout 0.05 was 10% slower regenerating).
 The mask is drawn from a seed taken from torch's global CPU generator, so a seeded run is
 reproducible and activation checkpointing (which restores the RNG state on recompute) draws the
-same mask again.
+same mask again. With `kernel` (set by `lorakit.kernels.model.use_kernels`, on CUDA) the Triton
+kernels of `lorakit.kernels.dropout` draw the mask from that seed, apply it and pack its bits in
+one pass, and apply the bits in backward; the bits have the same layout either way.
 
 Under `torch.compile` neither a Python int seed (`.item()` breaks the graph) nor a seeded
 `torch.Generator` (an object dynamo cannot create in a graph) is available, so there the mask is
@@ -71,20 +73,17 @@ def _unpack_bits(bits: Tensor, shape: torch.Size) -> Tensor:
     return (bits[:, None] >> shifts).bitwise_and_(1).view(-1)[:shape.numel()].view(shape)
 
 
-def _add_term(out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scaling: float, p: float,
-              keep: Tensor | None) -> Tensor:
+def _add_term(out: Tensor, xd: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scaling: float,
+              p: float) -> Tensor:
     """The forward: add the LoRA term into `out`; returns h = dropout(x) @ A^T for backward.
-    keep: the dropout mask (0/1 of x's shape, any dtype) when p > 0.
+    xd: x (N, d_in) in the compute dtype, times the 0/1 dropout mask when p > 0.
 
     dropout(x) = (x * keep) / (1 - p); the division is applied to h (N, r), not to the (N, d_in)
     input: the same product up to float rounding, with one pass over the input fewer."""
     dtype = out.dtype
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)                    # (N, d_in)
+    h = xd @ A.to(dtype).t()                                      # (N, r)
     if p > 0:
-        h = (x2 * keep.reshape(x2.shape).to(dtype)) @ A.to(dtype).t()   # (N, r)
         h.mul_(1.0 / (1.0 - p))
-    else:
-        h = x2 @ A.to(dtype).t()                                  # (N, r)
     out2 = out.view(-1, out.shape[-1])                            # (N, d_out)
     out2.addmm_(h, B.to(dtype).t(), alpha=scaling)
     if bias is not None:
@@ -92,20 +91,39 @@ def _add_term(out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None,
     return h
 
 
+def _dropped(t: Tensor, keep: Tensor, kernel: bool, inplace: bool = False) -> Tensor:
+    """t (N, d) * the 0/1 mask: `keep` as a tensor of t's shape (any dtype), or with `kernel` as
+    bits read by `lorakit.kernels.dropout`."""
+    if kernel:
+        from ..kernels.dropout import dropout_apply
+        return dropout_apply(t, keep, inplace=inplace)
+    mask = keep.reshape(t.shape).to(t.dtype)
+    return t.mul_(mask) if inplace else t * mask
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None,
                 scaling: float, p: float, seed: int, keep: Tensor | None = None,
-                recipe: Recipe | None = None) -> Tensor:
+                recipe: Recipe | None = None, kernel: bool = False) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(out.dtype)            # (N, d_in) in the compute dtype
         packed = p > 0 and keep is None          # eager: the mask from the seed, kept as bits
-        if packed:
-            keep = _keep(torch.Size((x.numel() // x.shape[-1], x.shape[-1])), x.device, p, seed)   # (N, d_in)
-        h = _add_term(out, x, A, B, bias, scaling, p, keep)
+        if packed and kernel:                    # drawn, applied and packed in one pass
+            from ..kernels.dropout import dropout_pack
+            xd, keep = dropout_pack(x2.contiguous(), p, seed)
+        elif packed:
+            mask = _keep(x2.shape, x.device, p, seed)            # (N, d_in) 0/1 fp32
+            keep = _pack_bits(mask)
+            xd = x2 * mask.to(x2.dtype)
+        else:
+            xd = _dropped(x2, keep, False) if p > 0 else x2
+        h = _add_term(out, xd, A, B, bias, scaling, p)
+        del xd
         ctx.mark_dirty(out)
         # x itself, or the tensors its recipe rebuilds it from (kept by other nodes anyway)
         xs = recipe.inputs if recipe is not None else (x,)
-        ctx.save_for_backward(A, B, h, _pack_bits(keep) if packed else keep, *xs)
-        ctx.packed = packed
+        ctx.save_for_backward(A, B, h, keep, *xs)
+        ctx.packed, ctx.kernel = packed, packed and kernel
         # x is needed only for A's gradient: only then does backward ask the recipe for it
         ctx.rebuild = recipe.rebuild() if recipe is not None and ctx.needs_input_grad[2] else None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -116,7 +134,7 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         A, B, h, keep, *xs = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
-        if ctx.packed:
+        if ctx.packed and not ctx.kernel:
             keep = _unpack_bits(keep, torch.Size((h.shape[0], A.shape[1])))      # (N, d_in) 0/1
         dtype = grad_out.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1])              # (N, d_out)
@@ -129,28 +147,28 @@ class _LoraLinear(torch.autograd.Function):
         if need_x or need_A:
             # the 1/(1-p) of dropout(x) = x * keep / (1-p), folded into the (N, r) factor
             gh = (g @ B.to(dtype)).mul_(s / (1.0 - p))             # (N, r)
-            mask = keep.reshape(gh.shape[:1] + A.shape[1:]).to(dtype) if p > 0 else None   # (N, d_in) 0/1
             if need_A:
                 x = ctx.rebuild(*xs) if ctx.rebuild is not None else xs[0]
                 x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-                xd = x2 * mask if mask is not None else x2         # (N, d_in)
+                xd = _dropped(x2.contiguous(), keep, ctx.kernel) if p > 0 else x2   # (N, d_in)
                 grad_A = (gh.t() @ xd).to(A.dtype)                 # (r, d_in)
             if need_x:
                 gx = gh @ A.to(dtype)                              # (N, d_in)
-                if mask is not None:
-                    gx.mul_(mask)                                  # d dropout(x)/dx = mask
+                if p > 0:
+                    _dropped(gx, keep, ctx.kernel, inplace=True)   # d dropout(x)/dx = mask
                 grad_x = gx.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_out, grad_x, grad_A, grad_B, grad_bias, None, None, None, None, None
+        return grad_out, grad_x, grad_A, grad_B, grad_bias, None, None, None, None, None, None
 
 
 def lora_linear_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None,
-                 scaling: float, dropout: float, recipe: Recipe | None = None) -> Tensor:
+                 scaling: float, dropout: float, recipe: Recipe | None = None, kernel: bool = False) -> Tensor:
     """Add the LoRA term into `out` in place and return it (see the module docstring).
 
     `out` must be the contiguous, freshly computed base output (the base layer's backward must
     not need it, true of linear layers). `dropout` is the probability in effect now (0 in eval).
     `recipe`: how backward can rebuild x instead of keeping it (`recompute.find_recipe(x)`);
-    the compiled path keeps x.
+    the compiled path keeps x. `kernel`: the dropout mask drawn, applied and packed by the Triton
+    kernels of `lorakit.kernels.dropout` (the caller checks that Triton runs on x's device).
     """
     if torch.compiler.is_compiling():   # see the module docstring
         # a fresh tensor, not a view (F.linear with a bias returns a view of its 2-D result): AOTAutograd
@@ -159,10 +177,14 @@ def lora_linear_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | No
         out = out.clone(memory_format=torch.contiguous_format)
         keep = torch.rand(x.shape, device=x.device) >= dropout if dropout > 0 else None   # (..., d_in)
         if not torch.is_grad_enabled():   # dynamo inlines a Function's forward then, and mark_dirty breaks the graph
-            _add_term(out, x, A, B, bias, scaling, dropout, keep)
+            x2 = x.reshape(-1, x.shape[-1]).to(out.dtype)          # (N, d_in)
+            _add_term(out, _dropped(x2, keep, False) if dropout > 0 else x2, A, B, bias, scaling, dropout)
             return out
         return _LoraLinear.apply(out, x, A, B, bias, scaling, dropout, 0, keep)
     elif not out.is_contiguous():
         out = out.contiguous()
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
-    return _LoraLinear.apply(out, x, A, B, bias, scaling, dropout, seed, None, recipe)
+    if kernel and dropout > 0:
+        from ..kernels.dropout import fits
+        kernel = fits(x) and fits(out)
+    return _LoraLinear.apply(out, x, A, B, bias, scaling, dropout, seed, None, recipe, kernel and dropout > 0)

@@ -131,7 +131,7 @@ class TrainingSection:
     compile: bool = False
     """torch.compile each decoder layer for the training steps (the first steps compile, slowly; worth it on long GPU runs)."""
     kernels: str = "auto"
-    """Triton kernels for RMSNorm, SwiGLU, RoPE and the chunked loss's softmax: triton, torch, or auto (triton on CUDA when triton is installed and training.compile is off)."""
+    """Triton kernels for RMSNorm, SwiGLU, RoPE, the adapters' dropout and the chunked loss's softmax: triton, torch, or auto (triton on CUDA when triton is installed and training.compile is off)."""
     eval_every: int = 0
     """Evaluate every N optimizer steps (0: only at the start and the end)."""
     save_every: int = 0

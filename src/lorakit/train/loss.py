@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-from ..kernels.model import runs_on
+from ..kernels.common import runs_on
 from ..layers import ModulesToSave
 from ..ops.chunked_ce import KERNEL_DTYPES, chunked_cross_entropy
 from .data import IGNORE_INDEX
