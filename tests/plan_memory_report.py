@@ -12,20 +12,28 @@ activations and the loss, which is what the estimate covers. The data is text lo
 
 from __future__ import annotations
 
-import json
-import sys
-import tempfile
-import warnings
-from pathlib import Path
+import os
 
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+# a CPU report: the Triton kernel cases run in Triton's interpreter, which must be on before
+# anything imports triton (transformers does)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lorakit.builtin import build_tokenizer
-from lorakit.plan import make_plan
-from lorakit.plan.estimate import Estimate
-from lorakit.train.config import load_config
-from lorakit.train.loop import train
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from lorakit.builtin import build_tokenizer  # noqa: E402
+from lorakit.plan import make_plan  # noqa: E402
+from lorakit.plan.estimate import Estimate  # noqa: E402
+from lorakit.train.config import load_config  # noqa: E402
+from lorakit.train.loop import train  # noqa: E402
 
 CASES = {   # name: (model, data, overrides)
     "llama padded": ("llama", "padded", []),
@@ -41,6 +49,11 @@ CASES = {   # name: (model, data, overrides)
     "llama vocab 8000 (chunked loss)": ("llama_vocab", "padded", []),
     "llama vocab 8000, full logits": ("llama_vocab", "padded", ["training.chunked_loss=false"]),
     "llama full logits": ("llama", "padded", ["training.chunked_loss=false"]),
+    # lorakit's Triton kernels, in Triton's interpreter on CPU (TRITON_INTERPRET=1, set by main):
+    # they keep the same tensors there as on a GPU
+    "llama Triton kernels": ("llama", "padded", ["training.kernels=triton"]),
+    "llama bf16, Triton kernels": ("llama", "padded", ["model.dtype=bf16", "training.bf16=true",
+                                                       "training.kernels=triton"]),
 }
 
 
@@ -70,6 +83,27 @@ def write_inputs(root: Path) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def _collected_after_each_launch():
+    """Triton's interpreter holds each launch's argument storages in a reference cycle (a recursive
+    closure) until the garbage collector runs, which would count them at random later peaks; a GPU
+    has no interpreter. So collect after every launch, to count what the kernels themselves keep."""
+    from triton.runtime.interpreter import GridExecutor
+
+    call = GridExecutor.__call__
+
+    def collected(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            gc.collect(0)    # the cycle is new: the youngest generation holds it
+    GridExecutor.__call__ = collected
+    try:
+        yield
+    finally:
+        GridExecutor.__call__ = call
+
+
 def measure(root: Path, case: str, out_dir: Path) -> tuple[int, Estimate]:
     """(measured peak bytes of the training run, the plan's LoRA estimate for it)."""
     model, data, extra = CASES[case]
@@ -77,7 +111,8 @@ def measure(root: Path, case: str, out_dir: Path) -> tuple[int, Estimate]:
                              "data.max_seq_len=64", "training.micro_batch_size=8", "training.max_steps=2",
                              "lora.r=8", "lora.lora_alpha=16", "model.device=cpu", "output.tensorboard=false",
                              f"output.dir={out_dir}", *extra])
-    summary = train(cfg)
+    with _collected_after_each_launch() if cfg.training.kernels == "triton" else contextlib.nullcontext():
+        summary = train(cfg)
     plan = make_plan(cfg, device="cpu", padded=data == "padded")
     estimate = next(e for e in plan.estimates
                     if e.method == "lora" and e.checkpointing == cfg.training.gradient_checkpointing)

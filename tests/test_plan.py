@@ -154,10 +154,40 @@ def test_estimate_within_15_percent_of_the_training_loop_peak(case, memory_dirs,
     assert abs(estimate.total / measured - 1) < 0.15, (estimate, measured)
 
 
+@pytest.mark.slow   # the kernels run in Triton's interpreter: about a minute
+def test_estimate_with_the_triton_kernels_within_5_percent(memory_dirs, tmp_path):
+    measured, estimate = measure(memory_dirs, "llama bf16, Triton kernels", tmp_path / "run")
+    assert abs(estimate.total / measured - 1) < 0.05, (estimate, measured)
+
+
+def test_triton_kernels_in_the_estimate(tmp_path):
+    """On CUDA `training.kernels: auto` uses lorakit's kernels. Per decoder layer of a bf16 run they
+    keep 8 N h + 2 N I bytes less: each RMSNorm its input in bf16 rather than fp32 (2 N h each),
+    the adapters after both norms rebuild their input from it instead of keeping it (2 N h each),
+    the MLP keeps gate and up but not silu(gate) (2 N I). The first layer's input norm keeps
+    nothing either way (no gradient flows into the frozen embeddings), so that layer saves
+    4 N h + 2 N I, and the final norm 2 N h. The loss keeps a chunk's logits in bf16 only."""
+    overrides = ["training.micro_batch_size=2", "data.max_seq_len=1024"]
+    model = str(_llama_8b_dir(tmp_path))
+    by = {}
+    for kernels in ("auto", "torch"):
+        plan = make_plan(load_config(None, overrides + [f"training.kernels={kernels}"]), model=model)
+        by[kernels] = next(e for e in plan.estimates if e.method == "lora" and not e.checkpointing)
+    n, h, inter, layers, vocab = 2 * 1024, 4096, 14336, 32, 128256
+    per_layer = 8 * n * h + 2 * n * inter
+    first_layer = 4 * n * h + 2 * n * inter
+    assert by["torch"].activations - by["auto"].activations == (layers - 1) * per_layer + first_layer + 2 * n * h
+    assert by["auto"].loss_logits == 2 * n * h * 2 + 256 * vocab * 2
+    cpu = make_plan(load_config(None, overrides), model=model, device="cpu")   # auto: no kernels on CPU
+    cpu_torch = make_plan(load_config(None, overrides + ["training.kernels=torch"]), model=model, device="cpu")
+    assert cpu.estimates == cpu_torch.estimates
+
+
 def test_memory_estimate_shape(tmp_path):
     """Checkpointing keeps less; QLoRA's frozen weights are ~4.1 bits for the decoder linears; the
     full run trains 16 bytes a parameter; the largest batch that fits is the boundary."""
-    plan = make_plan(load_config(None, ["training.micro_batch_size=2", "data.max_seq_len=1024"]),
+    plan = make_plan(load_config(None, ["training.micro_batch_size=2", "data.max_seq_len=1024",
+                                        "training.kernels=torch"]),
                      model=str(_llama_8b_dir(tmp_path)), memory=parse_size("24GB"), examples=50_000)
     by = {(e.method, e.checkpointing): e for e in plan.estimates}
     assert by["lora", True].activations < by["lora", False].activations / 10
@@ -167,14 +197,16 @@ def test_memory_estimate_shape(tmp_path):
     # hidden, bf16) and a chunk of 256 rows of logits in bf16, fp32 and the log-softmax's fp32
     assert by["lora", False].loss_logits == 2 * 2 * 1024 * 4096 * 2 + 256 * 128256 * (2 + 4 + 4)
     full_logits = make_plan(load_config(None, ["training.micro_batch_size=2", "data.max_seq_len=1024",
-                                               "training.chunked_loss=false"]), model=str(tmp_path), examples=50_000)
+                                               "training.chunked_loss=false", "training.kernels=torch"]),
+                            model=str(tmp_path), examples=50_000)
     # full logits: 3 x (B (T-1)) x vocab x fp32 (the log-softmax backward)
     assert full_logits.estimates[0].loss_logits == 3 * 2 * 1023 * 128256 * 4
     for fit in plan.fits:
         if fit.largest_batch:
             e = by[fit.method, fit.checkpointing]
             grown = make_plan(load_config(None, [f"training.micro_batch_size={fit.largest_batch + 1}",
-                                                 "data.max_seq_len=1024"]), model=str(tmp_path), examples=50_000)
+                                                 "data.max_seq_len=1024", "training.kernels=torch"]),
+                              model=str(tmp_path), examples=50_000)
             over = next(g for g in grown.estimates if (g.method, g.checkpointing) == (e.method, e.checkpointing))
             assert over.total > plan.usable_memory
     assert largest(lambda x: x <= 37, 1, 1000) == 37 and largest(lambda x: x <= 0, 1, 10) == 0

@@ -221,3 +221,48 @@ def test_kernels_wanted_errors(monkeypatch):
         km.kernels_wanted("triton", torch.device("cuda"), compiling=False)
     with pytest.raises(ImportError, match=re.escape("lorakit's Triton kernels need triton")):
         km.use_kernels(tiny_llama())
+
+
+def test_a_deep_copy_runs_on_its_own_weights(patched, ids):
+    """modules_to_save deep-copies a module: the copy's replacement forward is bound to the copy."""
+    import copy
+
+    model = adapted_llama()
+    patched.append(km.use_kernels(model))
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.model.norm.weight.mul_(3)
+    plain = adapted_llama()
+    plain.load_state_dict(clone.state_dict())
+    torch.testing.assert_close(clone(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(clone(ids).logits, model(ids).logits)
+
+
+def test_modules_to_save_after_the_kernels_trains_the_copy(patched, ids):
+    model = tiny_llama()
+    patched.append(km.use_kernels(model))
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"]))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    trained = [p for n, p in model.named_parameters() if "modules_to_save" in n and n.endswith("norm.modules_to_save.default.weight")]
+    assert len(trained) == 1 and trained[0].grad is not None and trained[0].grad.abs().sum() > 0
+
+
+def test_rope_is_routed_for_a_family_patched_after_llama(patched):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    patched.append(km.use_kernels(tiny_llama()))
+    mistral = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    patch = km.use_kernels(mistral)
+    patched.append(patch)
+    assert len(patch.attentions) == 2 and len(patch.norms) == 5 and len(patch.mlps) == 2
+
+
+def test_other_dtypes_go_to_pytorch(patched, ids, monkeypatch):
+    model = adapted_llama().double()
+    want, _ = loss_and_grads(model, ids)
+    patched.append(km.use_kernels(model))
+    refuse_kernels(monkeypatch)
+    got, _ = loss_and_grads(model, ids)
+    assert torch.equal(got, want)

@@ -24,6 +24,11 @@ def test_the_kernels_pass():
     assert selfcheck.self_check(CPU) is None
 
 
+def test_the_check_runs_under_no_grad_too():
+    with torch.no_grad():
+        assert selfcheck.self_check(CPU) is None
+
+
 def test_a_wrong_kernel_is_named(monkeypatch):
     monkeypatch.setattr(swiglu_module, "swiglu", lambda g, u: F.silu(g) * u * 1.05)
     assert selfcheck.self_check(CPU) == "swiglu (torch.float32) differs from its PyTorch reference"

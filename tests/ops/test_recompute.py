@@ -79,6 +79,29 @@ def test_each_norm_output_is_rebuilt_once_for_all_its_adapters(ids, checkpointin
     assert calls.count(True) == (2 * layers_n if checkpointing else 0)
 
 
+def test_a_backward_that_reaches_some_adapters_drops_the_rebuilt_input(ids):
+    """autograd.grad on one adapter's A: the others' backward never asks for the shared x, which
+    is dropped when that backward ends, not kept until the graph dies."""
+    model = _adapted(tiny_llama())
+    recipes = []
+    original = recompute.find_recipe
+
+    def spy(x):
+        recipe = original(x)
+        if recipe is not None:
+            recipes.append(recipe)
+        return recipe
+    layers.find_recipe, saved = spy, layers.find_recipe
+    try:
+        loss = model(ids, labels=ids).loss
+    finally:
+        layers.find_recipe = saved
+    shared_q = next(r.shared for r in recipes if r.shared.pending == 3)      # layer 1's q/k/v input
+    target = model.model.layers[1].self_attn.q_proj.lora_A["default"].weight
+    torch.autograd.grad(loss, [target])
+    assert shared_q.pending == 2 and shared_q.x is None
+
+
 def test_gradients_with_activation_checkpointing(ids, monkeypatch):
     model = _adapted(tiny_llama(), 0.1)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -3,7 +3,9 @@ module level: `lorakit.ops`, `lorakit.layers` and the training loop read this wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -35,8 +37,17 @@ def interpreting() -> bool:
     """Triton's interpreter is on (TRITON_INTERPRET=1): kernels run on CPU tensors, slowly."""
     if not triton_importable():
         return False
-    from triton import knobs
+    try:
+        from triton import knobs  # triton >= 3.4
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
     return bool(knobs.runtime.interpret)
+
+
+def on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it t's (a run on cuda:1 without torchrun
+    never sets it)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def runs_on(t: Tensor) -> bool:

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import on_device_of
+
 BLOCK = 4096   # logits per loop step; a power of two
 
 
@@ -59,6 +61,7 @@ def cross_entropy_rows_(logits: Tensor, targets: Tensor, write_grad: bool) -> Te
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)   # (c,)
     if rows:
-        _xent_kernel[(rows,)](logits, targets, loss, logits.stride(0), vocab, WRITE_GRAD=write_grad,
-                              BLOCK=min(BLOCK, triton.next_power_of_2(vocab)))
+        with on_device_of(logits):
+            _xent_kernel[(rows,)](logits, targets, loss, logits.stride(0), vocab, WRITE_GRAD=write_grad,
+                                  BLOCK=min(BLOCK, triton.next_power_of_2(vocab)))
     return loss

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import SUPPORTED_DTYPES, check_tensor
+from .common import SUPPORTED_DTYPES, check_tensor, on_device_of
 
 BYTES = 128          # mask bytes (8 entries each) per program
 MAX_ELEMENTS = 2**31 - 1   # Philox counters and offsets are 32-bit here
@@ -80,7 +80,8 @@ def dropout_pack(x: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor]:
     xd = torch.empty_like(x)                                                       # (N, d)
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)          # (ceil(N d / 8),)
     if n:
-        _pack_kernel[(triton.cdiv(bits.numel(), BYTES),)](x, xd, bits, n, float(p), seed % 2**31, BYTES=BYTES)
+        with on_device_of(x):
+            _pack_kernel[(triton.cdiv(bits.numel(), BYTES),)](x, xd, bits, n, float(p), seed % 2**31, BYTES=BYTES)
     return xd, bits
 
 
@@ -94,5 +95,6 @@ def dropout_apply(t: Tensor, bits: Tensor, inplace: bool = False) -> Tensor:
                          f"{n} entries (uint8, {(n + 7) // 8} bytes)")
     out = t if inplace else torch.empty_like(t)
     if n:
-        _apply_kernel[(triton.cdiv(bits.numel(), BYTES),)](t, bits, out, n, BYTES=BYTES)
+        with on_device_of(t):
+            _apply_kernel[(triton.cdiv(bits.numel(), BYTES),)](t, bits, out, n, BYTES=BYTES)
     return out

@@ -18,8 +18,9 @@ differs (Gemma's 1 + weight norm, a GELU MLP) keeps its own.
     `forward` is wrapped on the instance to say so; checkpointing's recompute goes through it too),
     and the original everywhere else: other models in the process are not touched.
 
-Every replacement checks its input: tensors on which Triton cannot run (CPU, outside the
-interpreter) go to the original PyTorch code, so a patched model still runs after `.cpu()`.
+Every replacement checks its input: tensors the kernels do not take (on a device where Triton
+cannot run, such as CPU outside the interpreter, or of another dtype than fp32/bf16/fp16) go to the
+original PyTorch code, so a patched model still runs after `.cpu()` or `.double()`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from ..layers import LoraLinear
 from ..ops import recompute
 from . import selfcheck
-from .common import interpreting, runs_on, triton_importable
+from .common import SUPPORTED_DTYPES, interpreting, runs_on, triton_importable
 
 
 def _same_code(f: Callable, g: Callable) -> bool:
@@ -66,15 +67,27 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def _norm_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    original = types.MethodType(type(module).forward, module)
+def kernel_targets(model: nn.Module) -> tuple[bool, bool]:
+    """Whether `use_kernels` would route some of the model's norms, and some of its MLPs (works on
+    a model on the meta device: only the modules' code is read)."""
+    modules = list(model.modules())
+    return any(map(_is_rms_norm, modules)), any(map(_is_swiglu_mlp, modules))
 
-    def forward(hidden_states: Tensor) -> Tensor:
-        if not runs_on(hidden_states):
-            return original(hidden_states)
-        from .rms_norm import rms_norm
-        return rms_norm(hidden_states, module.weight, module.variance_epsilon)
-    return forward
+
+# The replacements are functions bound to their module (types.MethodType), not closures over it:
+# `copy.deepcopy` rebinds a bound method to the copy (modules_to_save copies a module that way), and
+# a copy must run on its own weights.
+
+def _takes(*tensors: Tensor) -> bool:
+    """The kernels take these tensors: Triton runs on their device and they have a kernel dtype."""
+    return all(runs_on(t) and t.dtype in SUPPORTED_DTYPES for t in tensors)
+
+
+def _norm_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    if not _takes(hidden_states, self.weight) or hidden_states.shape[-1] > MAX_NORM_WIDTH:
+        return type(self).forward(self, hidden_states)
+    from .rms_norm import rms_norm
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _product(gate: Tensor, up: Tensor) -> Tensor:
@@ -87,15 +100,16 @@ def _product(gate: Tensor, up: Tensor) -> Tensor:
     return out
 
 
-def _mlp_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    original = types.MethodType(type(module).forward, module)
+def _mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
+    if not _takes(x):
+        return type(self).forward(self, x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.dtype != up.dtype or not _takes(gate, up):
+        return self.down_proj(self.act_fn(gate) * up)               # LlamaMLP.forward's own product
+    return self.down_proj(_product(gate, up))
 
-    def forward(x: Tensor) -> Tensor:
-        if not runs_on(x):
-            return original(x)
-        return module.down_proj(_product(module.gate_proj(x), module.up_proj(x)))
-    return forward
 
+MAX_NORM_WIDTH = 65536   # lorakit.kernels.rms_norm.MAX_WIDTH (not imported: that module imports triton)
 
 # modeling module -> [original apply_rotary_pos_emb, how many patches use the replacement]
 _ROPE_USERS: dict[types.ModuleType, list] = {}
@@ -108,22 +122,23 @@ def _calls_rope(module: nn.Module) -> bool:
     return code is not None and "apply_rotary_pos_emb" in code.co_names
 
 
-def _attention_forward(module: nn.Module) -> Callable:
-    original = types.MethodType(type(module).forward, module)
-
-    def forward(*args, **kwargs):
-        token = _IN_PATCHED_ATTENTION.set(True)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            _IN_PATCHED_ATTENTION.reset(token)
-    return forward
+def _attention_forward(self: nn.Module, *args, **kwargs):
+    token = _IN_PATCHED_ATTENTION.set(True)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _IN_PATCHED_ATTENTION.reset(token)
 
 
 def _rope_dispatch(original: Callable) -> Callable:
-    def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
-        if not (_IN_PATCHED_ATTENTION.get() and runs_on(q)):
-            return original(q, k, cos, sin, unsqueeze_dim)
+    def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args, **kwargs):
+        # Llama's signature since transformers 4.48 is (q, k, cos, sin, unsqueeze_dim=1); anything
+        # else (older releases' position_ids) goes to the original
+        unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if len(args) == 1 else 1)
+        plain = len(args) + len(kwargs) <= 1 and set(kwargs) <= {"unsqueeze_dim"} and unsqueeze_dim in (1, 2)
+        if not (plain and _IN_PATCHED_ATTENTION.get() and _takes(q, k, cos, sin) and q.dtype == k.dtype
+                and cos.dtype == sin.dtype and not cos.requires_grad and not sin.requires_grad):
+            return original(q, k, cos, sin, *args, **kwargs)
         from .rope import rope
         return rope(q, k, cos, sin, unsqueeze_dim)
     apply_rotary_pos_emb.__wrapped__ = original
@@ -166,7 +181,8 @@ def use_kernels(model: nn.Module) -> KernelPatch:
         raise ImportError("lorakit's Triton kernels need triton: pip install 'lorakit[kernels]' "
                           "(CUDA builds of torch include it), or set training.kernels: torch")
     patch = KernelPatch()
-    rope_original = _llama().apply_rotary_pos_emb
+    llama_rope = _llama().apply_rotary_pos_emb
+    rope_original = getattr(llama_rope, "__wrapped__", llama_rope)   # Llama's, even once patched
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.dropout_kernel = True
@@ -174,10 +190,10 @@ def use_kernels(model: nn.Module) -> KernelPatch:
         if "forward" in vars(module):     # already replaced (by us or by someone else): leave it
             continue
         if _is_rms_norm(module):
-            module.forward = _norm_forward(module)
+            module.forward = types.MethodType(_norm_forward, module)
             patch.norms.append(module)
         elif _is_swiglu_mlp(module):
-            module.forward = _mlp_forward(module)
+            module.forward = types.MethodType(_mlp_forward, module)
             patch.mlps.append(module)
         elif _calls_rope(module):
             mod = sys.modules[type(module).__module__]
@@ -190,7 +206,7 @@ def use_kernels(model: nn.Module) -> KernelPatch:
                     mod.apply_rotary_pos_emb = _rope_dispatch(mod.apply_rotary_pos_emb)
                 _ROPE_USERS[mod][1] += 1
                 patch.rope_modules.append(mod)
-            module.forward = _attention_forward(module)
+            module.forward = types.MethodType(_attention_forward, module)
             patch.attentions.append(module)
     return patch
 

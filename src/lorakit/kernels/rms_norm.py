@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .common import check_tensor
+from .common import check_tensor, on_device_of
 
 MAX_WIDTH = 65536  # one row is one block of registers; wider rows need a split-row kernel
 
@@ -121,14 +122,16 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)  # (N,)
         block = triton.next_power_of_2(d)
         if n_rows:
-            _rms_norm_fwd[(n_rows,)](
-                x2, weight, out, rstd, x2.stride(0), d, eps, BLOCK=block, num_warps=_num_warps(block)
-            )
+            with on_device_of(x2):
+                _rms_norm_fwd[(n_rows,)](
+                    x2, weight, out, rstd, x2.stride(0), d, eps, BLOCK=block, num_warps=_num_warps(block)
+                )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         x2, weight, rstd = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -140,11 +143,12 @@ class _RMSNorm(torch.autograd.Function):
         dw_partial = torch.empty((programs, d) if need_dw else (0,), dtype=torch.float32, device=x2.device)
         block = triton.next_power_of_2(d)
         if programs:
-            _rms_norm_bwd[(programs,)](
-                x2, weight, rstd, g2, dx, dw_partial,
-                x2.stride(0), g2.stride(0), n_rows, rows_per_program, d,
-                BLOCK=block, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, num_warps=_num_warps(block),
-            )
+            with on_device_of(x2):
+                _rms_norm_bwd[(programs,)](
+                    x2, weight, rstd, g2, dx, dw_partial,
+                    x2.stride(0), g2.stride(0), n_rows, rows_per_program, d,
+                    BLOCK=block, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, num_warps=_num_warps(block),
+                )
         grad_x = dx.view(ctx.x_shape) if need_dx else None
         grad_w = dw_partial.sum(0).to(weight.dtype) if need_dw else None
         return grad_x, grad_w, None

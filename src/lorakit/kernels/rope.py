@@ -35,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .common import check_tensor
+from .common import check_tensor, on_device_of
 
 MAX_TILE = 65536  # heads x D/2 elements held in registers by one program
 
@@ -61,7 +62,7 @@ def _rope_kernel(
     s1 = tl.load(sin_ptr + cs + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(sin_ptr + cs + HALF + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
 
-    heads = tl.arange(0, BLOCK_H)[:, None]  # (BLOCK_H, 1)
+    heads = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]  # (BLOCK_H, 1); x heads x stride can pass 2^31
     mask = (heads < H) & col_mask[None, :]  # (BLOCK_H, BLOCK_HALF)
     x_row = x_ptr + b * x_sb + s * x_ss + heads * x_sh + cols[None, :]
     x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
@@ -96,14 +97,15 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, transpose: bool) -
     block_h, block_half = triton.next_power_of_2(H), triton.next_power_of_2(half)
     if B * S == 0 or H == 0:
         return
-    _rope_kernel[(B * S,)](
-        x, out, cos, sin,
-        S, H, half,
-        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        cos.stride(0), cos.stride(1),
-        BLOCK_H=block_h, BLOCK_HALF=block_half, TRANSPOSE=transpose,
-        num_warps=max(1, min(8, block_h * block_half // 256)),
-    )
+    with on_device_of(x):
+        _rope_kernel[(B * S,)](
+            x, out, cos, sin,
+            S, H, half,
+            x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            cos.stride(0), cos.stride(1),
+            BLOCK_H=block_h, BLOCK_HALF=block_half, TRANSPOSE=transpose,
+            num_warps=max(1, min(8, block_h * block_half // 256)),
+        )
 
 
 def _heads_at_1(t: Tensor, unsqueeze_dim: int) -> Tensor:
@@ -133,6 +135,7 @@ class _Rope(torch.autograd.Function):
         return outs[0], outs[1]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_q_embed: Tensor, grad_k_embed: Tensor):
         cos, sin = ctx.saved_tensors
         grads = []

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import on_device_of
+
 # Within rounding: bf16 results are compared at 2^-6 of each tensor's scale (a kernel's rounding
 # may differ by a unit in the last place from PyTorch's; a wrong index or sign is off by the scale).
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2**-6}
@@ -96,15 +98,20 @@ def _dropout_problem(device: torch.device, dtype: torch.dtype) -> str | None:
 def self_check(device: torch.device) -> str | None:
     """None when every kernel matches PyTorch on `device`, else what failed (for the message)."""
     try:
-        for dtype in (torch.float32, torch.bfloat16):
-            for name, kernel, reference, inputs in _cases(device, dtype):
-                got = _outputs_and_grads(kernel, inputs, seed=2)
-                want = _outputs_and_grads(reference, inputs, seed=2)
-                if len(got) != len(want) or not all(_close(g, w, dtype) for g, w in zip(got, want, strict=True)):
-                    return f"{name} ({dtype}) differs from its PyTorch reference"
-            problem = _cross_entropy_problem(device, dtype) or _dropout_problem(device, dtype)
-            if problem:
-                return problem
+        with torch.enable_grad(), on_device_of(torch.empty(0, device=device)):
+            return _first_problem(device)
     except Exception as e:   # a compile or launch failure is a reason to use PyTorch, reported whole
         return f"{type(e).__name__}: {e}"
+
+
+def _first_problem(device: torch.device) -> str | None:
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, kernel, reference, inputs in _cases(device, dtype):
+            got = _outputs_and_grads(kernel, inputs, seed=2)
+            want = _outputs_and_grads(reference, inputs, seed=2)
+            if len(got) != len(want) or not all(_close(g, w, dtype) for g, w in zip(got, want, strict=True)):
+                return f"{name} ({dtype}) differs from its PyTorch reference"
+        problem = _cross_entropy_problem(device, dtype) or _dropout_problem(device, dtype)
+        if problem:
+            return problem
     return None

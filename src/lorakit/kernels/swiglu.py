@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .common import check_tensor
+from .common import check_tensor, on_device_of
 
 BLOCK = 1024  # elements per program
 
@@ -68,18 +69,21 @@ class _SwiGLU(torch.autograd.Function):
         out = torch.empty_like(gate)
         n = gate.numel()
         if n:
-            _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK)
+            with on_device_of(gate):
+                _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK)
         ctx.save_for_backward(gate, up)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         gate, up = ctx.saved_tensors
         g = grad_out.contiguous()  # (...)
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
         if n:
-            _swiglu_bwd[(triton.cdiv(n, BLOCK),)](gate, up, g, dgate, dup, n, BLOCK=BLOCK)
+            with on_device_of(gate):
+                _swiglu_bwd[(triton.cdiv(n, BLOCK),)](gate, up, g, dgate, dup, n, BLOCK=BLOCK)
         need_gate, need_up = ctx.needs_input_grad
         return (dgate if need_gate else None), (dup if need_up else None)
 

@@ -10,8 +10,9 @@ rows go through the head `chunk_rows` at a time, and when the loss will be diffe
 mode on and an input requiring grad) their gradients are made in forward, from the chunk of
 logits forward makes anyway: softmax - one-hot in place, multiplied into the gradient of h (and
 summed into those of W and b when they train). Forward keeps the gradient of h, the size of the
-h a backward-time recompute would keep, and keeps h only when W trains; backward only scales the
-kept gradients by the incoming scalar. So no matmul is repeated: recomputing the logits in
+h a backward-time recompute would keep (and, when W trains, W's fp32 gradient, V x d, from
+forward until backward); backward only scales the kept gradients by the incoming scalar, so the
+loss cannot be differentiated twice (`once_differentiable`). So no matmul is repeated: recomputing the logits in
 backward instead would cost one more h W^T (about 8% of a small Llama's step).
 
 At most one chunk's logits (chunk_rows x V, fp32, with the softmax's temporaries of that size)
@@ -32,6 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..kernels.common import SUPPORTED_DTYPES as KERNEL_DTYPES
 
@@ -64,6 +66,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         h = hidden.index_select(0, rows)                            # (n, d)
         t = targets.index_select(0, rows)                           # (n,)
         n = h.shape[0]
+        if n and (bool(t.min() < 0) or bool(t.max() >= weight.shape[0])):
+            bad = int(t[(t < 0) | (t >= weight.shape[0])][0])
+            raise ValueError(f"chunked_cross_entropy: target {bad} is outside the vocabulary of the head "
+                             f"({weight.shape[0]} rows) and is not ignore_index ({ignore_index}); resize the "
+                             "model's embeddings to the tokenizer (model.resize_token_embeddings)")
         need_h, need_w, need_b = (differentiated and need for need in ctx.needs_input_grad[:3])
         grads = need_h or need_w or need_b
         acc = _loss_dtype(h.dtype)                                  # fp32 losses and sums
@@ -103,6 +110,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total: Tensor):
         grad_h, grad_w, grad_b, rows = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
@@ -110,7 +118,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden = None
         if grad_h is not None:
             grad_hidden = grad_h.new_zeros(ctx.n_hidden_rows, grad_h.shape[1]).index_copy_(
-                0, rows, grad_h * grad_total.to(grad_h.dtype))                      # (N, d)
+                0, rows, torch.mul(grad_h, grad_total))     # (N, d); the fp32 scalar, not rounded to h's dtype
         grad_weight = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
         grad_bias = (grad_b * grad_total).to(b_dtype) if grad_b is not None else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None

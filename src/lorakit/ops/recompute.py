@@ -43,7 +43,8 @@ from torch.utils.hooks import RemovableHandle
 class _Rebuilt:
     """One rebuild of x for all the adapters that read it (q, k and v read one norm output, gate
     and up another): x is kept from the first of their backward calls to the last, not rebuilt by
-    each. `pending` counts the adapters whose backward will still ask for it."""
+    each. `pending` counts the adapters whose backward will still ask for it; a backward that
+    reaches only some of them (autograd.grad on a subset) drops x when it ends."""
 
     def __init__(self) -> None:
         self.pending = 0
@@ -70,6 +71,8 @@ class Recipe:
         def replay(*inputs: Tensor) -> Tensor:
             x = shared.x
             if x is None:
+                # released when this backward ends, whichever of the adapters it reached
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: setattr(shared, "x", None))
                 with torch.no_grad():
                     if autocast is None:
                         x = fn(*inputs)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..kernels.model import kernel_targets
 from ..train.config import TrainConfig
 from .estimate import METHODS, Estimate, Workload, estimate, largest, usable
 from .params import (
@@ -121,9 +122,13 @@ def make_plan(cfg: TrainConfig, *, model: str | None = None, memory: int | None 
     train = trainables_of(meta, arch)
     weights = weights_of(meta)
     attention = cfg.model.attn_implementation
+    kernels = cfg.training.kernels == "triton" or (cfg.training.kernels == "auto" and device == "cuda"
+                                                   and not cfg.training.compile)
+    kernel_norms, kernel_mlp = kernel_targets(meta) if kernels else (False, False)
     workload = Workload(cfg.training.micro_batch_size, cfg.data.max_seq_len, weight_bytes, compute_bytes, device,
                         attention, masked=padded and attention != "flash_attention_2",
-                        chunked_loss=cfg.training.chunked_loss)
+                        chunked_loss=cfg.training.chunked_loss, kernel_norms=kernel_norms, kernel_mlp=kernel_mlp,
+                        kernel_loss=kernels)
     estimates = [estimate(m, gc, arch, workload, weights, train) for m in METHODS for gc in (False, True)]
 
     fits: list[Fit] = []

@@ -15,7 +15,9 @@
   and the gradient of its input (3 x N x vocab x 4 bytes, usually the larger). With
   `training.chunked_loss` (lorakit.ops.chunked_ce) no full logits exist: the copy of the labelled
   rows of the head's input and their gradient, made in forward (2 x N x hidden x cd), plus one
-  chunk's logits in fp32 (and in the compute dtype first, under bf16) with the log-softmax's.
+  chunk's logits in fp32 (and in the compute dtype first, under bf16) with the log-softmax's; with
+  lorakit's Triton cross-entropy only the chunk's logits in the compute dtype, turned in place
+  into their gradient.
 - Recompute: with gradient checkpointing the stored activations are each layer's input, and the
   backward of a layer first recomputes that layer; without, the backward of a layer only adds
   transient gradients. The loss head is freed before the first layer's backward, so the peak
@@ -25,6 +27,7 @@ What one Llama-style decoder layer stores for backward with LoRA (N tokens, comp
 bytes; measured with `saved_tensors_hooks` on transformers 5, sdpa; a frozen linear keeps no input):
 
     RMSNorm (x2)        its fp32 input and 1/rms                       N (4h + 4)    when gradients flow
+                        (lorakit's Triton kernel: its input as given and 1/rms, N (h wb + 4))
     q/k/v/gate/up/down  the input of each adapted group                N h cd, N I cd (down)
                         unless the adapters rebuild it in backward (lorakit.ops.recompute): the
                         norm outputs from the norm's kept input (when gradients flow into the
@@ -35,6 +38,7 @@ bytes; measured with `saved_tensors_hooks` on transformers 5, sdpa; a frozen lin
       with a mask (padded or packed rows), sdpa gets repeat_kv copies (kv -> q) and a B T T mask
       in the compute dtype per layer; eager attention keeps the fp32 and cd probabilities instead
     MLP (SwiGLU)        gate output, its activation, up output          3 N I cd
+                        (lorakit's Triton kernel: gate and up outputs,  2 N I cd)
     full fine-tuning adds each norm's normalised input (for the norm weight) and the head's input.
 
 GPT-2 is modelled likewise (LayerNorm keeps mean and rstd, the fused c_attn output is one storage,
@@ -133,6 +137,14 @@ class Workload:
     """Rows are padded or packed, so sdpa gets an attention mask."""
     chunked_loss: bool = False
     """The loss comes from the head's input a chunk of rows at a time (training.chunked_loss)."""
+    kernel_norms: bool = False
+    """lorakit's Triton RMSNorm (training.kernels): keeps only its input, as given, and 1/rms, so
+    the adapters reading its output rebuild it from that input whatever the dtype."""
+    kernel_mlp: bool = False
+    """lorakit's Triton SwiGLU product: keeps gate and up, not silu(gate)."""
+    kernel_loss: bool = False
+    """lorakit's Triton cross-entropy in the chunked loss: a chunk's logits become their gradient
+    in place, in the compute dtype (no fp32 copy, no log-softmax)."""
 
 
 @dataclass
@@ -201,14 +213,17 @@ def _attention(a: Arch, w: Workload, out_kept: bool) -> int:
     return n * (qkv + a.q_dim) * cd + b * a.heads * t * 4 + mask   # + the output and log-sum-exp
 
 
-def _norm(a: Arch, n: int) -> int:
-    """A norm's fp32 input plus its statistics (1/rms; LayerNorm: mean and rstd)."""
+def _norm(a: Arch, w: Workload, n: int) -> int:
+    """A norm's fp32 input plus its statistics (1/rms; LayerNorm: mean and rstd); the Triton
+    RMSNorm keeps the input in its own dtype (the residual stream's) and 1/rms."""
+    if w.kernel_norms and a.family != "gpt2":
+        return n * (a.hidden * w.weight_bytes + 4)
     return n * (a.hidden * 4 + (8 if a.family == "gpt2" else 4))
 
 
 def _rebuilt_norm_output(a: Arch, w: Workload, grad: bool) -> bool:
     """Adapters reading a norm's output rebuild it in backward from the input the norm keeps."""
-    return grad and (w.weight_bytes == 4 or a.family == "gpt2")
+    return grad and (w.weight_bytes == 4 or a.family == "gpt2" or w.kernel_norms)
 
 
 def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool,
@@ -221,7 +236,8 @@ def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool,
     n, cd = w.batch * w.seq, w.compute_bytes
     full = ad is None
     ad = ad or LayerAdapters()
-    norm_out = n * a.hidden * cd if full and a.family != "gpt2" else 0   # for an RMSNorm weight's gradient
+    # for an RMSNorm weight's gradient (the Triton norm recomputes it from its input)
+    norm_out = n * a.hidden * cd if full and a.family != "gpt2" and not w.kernel_norms else 0
     keep = sum(n * r * cd for r in ad.qkv + ad.o + ad.up + ad.down) + sum(n * (d + r) * cd for d, r in ad.other)
     widths = ([a.hidden] * len(ad.qkv + ad.up) + [a.q_dim] * len(ad.o) + [a.intermediate] * len(ad.down)
               + [d for d, _ in ad.other])   # d_in of each adapter
@@ -229,7 +245,7 @@ def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool,
         keep += sum(n * d // 8 for d in widths)                        # the masks' bits
     grad = grad or full or bool(ad.other)
     if grad:
-        keep += _norm(a, n)
+        keep += _norm(a, w, n)
     keep += norm_out
     if full or (ad.qkv and not _rebuilt_norm_output(a, w, grad)):
         keep += n * a.hidden * cd
@@ -242,13 +258,14 @@ def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool,
     if grad and a.resid_dropout > 0:
         keep += n * a.hidden * _mask_bytes(w)
     if grad:
-        keep += _norm(a, n)
+        keep += _norm(a, w, n)
     keep += norm_out
     if full or (ad.up and not _rebuilt_norm_output(a, w, grad)):
         keep += n * a.hidden * cd
     grad = grad or bool(ad.up)
     if grad:
-        keep += a.act_saved * n * a.intermediate * cd
+        act_saved = a.act_saved - 1 if w.kernel_mlp and a.family != "gpt2" else a.act_saved   # no silu(gate)
+        keep += act_saved * n * a.intermediate * cd
     rebuilt_mlp = grad and (a.family == "gpt2" or bool(ad.up))   # from the activation's kept input / factors
     if full or (ad.down and not rebuilt_mlp):
         keep += n * a.intermediate * cd
@@ -283,7 +300,7 @@ def activations(a: Arch, w: Workload, train: Trainables | None, checkpointing: b
         rebuilt = max(rebuilt, rebuilt_here)
     head_in = n * a.hidden * cd
     if grad:
-        keep += _norm(a, n)
+        keep += _norm(a, w, n)
         if a.family != "gpt2":
             keep += 2 * t * a.head_dim * cd                 # rope cos and sin, shared by the layers
     if full:
@@ -304,6 +321,8 @@ def loss_head(a: Arch, w: Workload) -> int:
     n, shifted, v = w.batch * w.seq, w.batch * (w.seq - 1), a.vocab
     if w.chunked_loss:
         chunk = min(shifted, default_chunk_rows(shifted, v, a.hidden))
+        if w.kernel_loss:
+            return 2 * n * a.hidden * w.compute_bytes + chunk * v * w.compute_bytes
         upcast = w.compute_bytes if w.compute_bytes != 4 else 0   # fp32 logits are not copied
         return 2 * n * a.hidden * w.compute_bytes + chunk * v * (8 + upcast)
     copy = shifted * v * 4 if (w.batch > 1 or w.compute_bytes != 4) else 0   # B = 1 in fp32 is a view
