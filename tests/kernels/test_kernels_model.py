@@ -266,3 +266,31 @@ def test_other_dtypes_go_to_pytorch(patched, ids, monkeypatch):
     refuse_kernels(monkeypatch)
     got, _ = loss_and_grads(model, ids)
     assert torch.equal(got, want)
+
+
+def test_a_second_patch_of_the_same_model_changes_nothing_and_removes_nothing(patched):
+    model = adapted_llama()
+    first = km.use_kernels(model)
+    patched.append(first)
+    second = km.use_kernels(model)
+    assert (second.norms, second.mlps, second.attentions, second.adapted) == ([], [], [], [])
+    second.remove()
+    assert all("forward" in vars(m) for m in first.norms + first.mlps + first.attentions)
+    assert all(m.dropout_kernel for m in first.adapted)
+
+
+def test_a_patch_that_fails_half_way_undoes_itself(monkeypatch):
+    original = modeling_llama.apply_rotary_pos_emb
+    calls = []
+
+    def failing(module):   # fails once the first attention module and the RoPE global are patched
+        calls.append(module)
+        if modeling_llama.apply_rotary_pos_emb is not original:
+            raise RuntimeError("boom")
+        return False
+    monkeypatch.setattr(km, "_is_swiglu_mlp", failing)
+    model = adapted_llama()
+    with pytest.raises(RuntimeError, match="boom"):
+        km.use_kernels(model)
+    assert modeling_llama.apply_rotary_pos_emb is original
+    assert not any("forward" in vars(m) or "dropout_kernel" in vars(m) for m in model.modules())

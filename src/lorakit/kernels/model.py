@@ -130,6 +130,9 @@ def _attention_forward(self: nn.Module, *args, **kwargs):
         _IN_PATCHED_ATTENTION.reset(token)
 
 
+_REPLACEMENTS = (_norm_forward, _mlp_forward, _attention_forward)
+
+
 def _rope_dispatch(original: Callable) -> Callable:
     def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args, **kwargs):
         # Llama's signature since transformers 4.48 is (q, k, cos, sin, unsqueeze_dim=1); anything
@@ -162,7 +165,9 @@ class KernelPatch:
 
     def remove(self) -> None:
         for module in self.norms + self.mlps + self.attentions:
-            vars(module).pop("forward", None)
+            forward = vars(module).get("forward")
+            if getattr(forward, "__func__", None) in _REPLACEMENTS:    # not a later patch by someone else
+                del module.forward
         for module in self.adapted:
             vars(module).pop("dropout_kernel", None)
         for mod in self.rope_modules:
@@ -181,10 +186,19 @@ def use_kernels(model: nn.Module) -> KernelPatch:
         raise ImportError("lorakit's Triton kernels need triton: pip install 'lorakit[kernels]' "
                           "(CUDA builds of torch include it), or set training.kernels: torch")
     patch = KernelPatch()
+    try:
+        _patch(model, patch)
+    except BaseException:
+        patch.remove()     # nothing half-done: the RoPE global included
+        raise
+    return patch
+
+
+def _patch(model: nn.Module, patch: KernelPatch) -> None:
     llama_rope = _llama().apply_rotary_pos_emb
     rope_original = getattr(llama_rope, "__wrapped__", llama_rope)   # Llama's, even once patched
     for module in model.modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LoraLinear) and "dropout_kernel" not in vars(module):   # not an earlier patch's
             module.dropout_kernel = True
             patch.adapted.append(module)
         if "forward" in vars(module):     # already replaced (by us or by someone else): leave it
@@ -208,7 +222,6 @@ def use_kernels(model: nn.Module) -> KernelPatch:
                 patch.rope_modules.append(mod)
             module.forward = types.MethodType(_attention_forward, module)
             patch.attentions.append(module)
-    return patch
 
 
 def kernels_wanted(setting: str, device: torch.device, compiling: bool) -> bool:
