@@ -46,9 +46,9 @@ def default_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
     of all rows (n_rows x hidden): the loss then costs about one more copy of them. At least
     `MIN_CHUNK_ROWS`, because each chunk is a handful of ops and each op has a fixed cost (a
     kernel launch; on CPU a thread synchronisation, slow on a busy machine). Loss head forward +
-    backward for 1024 x 512 x 8000 on a loaded 2-core CPU, against the plain path: 1.4-1.7x at
-    any chunk size with 1 thread (the recompute matmul); with 2 threads 4.5x in 64-row chunks,
-    2.2x in 256-row chunks, 1.4x in one chunk."""
+    backward for 1024 x 512 x 8000 on a 2-core CPU with 256-row chunks: 1.15x the plain path
+    (bench/bench_train_memory.py); when backward still recomputed the logits, 2.2-2.5x, and with
+    2 threads 64-row chunks were twice as slow as 256-row ones."""
     chunks = max(1, math.ceil(vocab / hidden))
     return max(MIN_CHUNK_ROWS, math.ceil(n_rows / chunks))
 
