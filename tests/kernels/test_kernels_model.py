@@ -294,3 +294,14 @@ def test_a_patch_that_fails_half_way_undoes_itself(monkeypatch):
         km.use_kernels(model)
     assert modeling_llama.apply_rotary_pos_emb is original
     assert not any("forward" in vars(m) or "dropout_kernel" in vars(m) for m in model.modules())
+
+
+def test_modules_someone_else_replaced_are_left_with_a_warning(patched):
+    model = adapted_llama()
+    norm = model.model.norm
+    norm.forward = lambda x: x            # e.g. an accelerate hook
+    with pytest.warns(UserWarning, match=re.escape(
+            "use_kernels: 1 modules (LlamaRMSNorm) already have their forward replaced on the instance")):
+        patch = km.use_kernels(model)
+    patched.append(patch)
+    assert norm not in patch.norms and len(patch.norms) == 4

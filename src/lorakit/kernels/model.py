@@ -195,6 +195,15 @@ def use_kernels(model: nn.Module) -> KernelPatch:
 
 
 def _patch(model: nn.Module, patch: KernelPatch) -> None:
+    foreign: list[str] = []
+    _patch_modules(model, patch, foreign)
+    if foreign:
+        warnings.warn(f"use_kernels: {len(foreign)} modules ({', '.join(sorted(set(foreign)))}) already have their "
+                      "forward replaced on the instance (e.g. accelerate's device_map hooks) and keep PyTorch",
+                      stacklevel=3)
+
+
+def _patch_modules(model: nn.Module, patch: KernelPatch, foreign: list[str]) -> None:
     llama_rope = _llama().apply_rotary_pos_emb
     rope_original = getattr(llama_rope, "__wrapped__", llama_rope)   # Llama's, even once patched
     for module in model.modules():
@@ -202,6 +211,10 @@ def _patch(model: nn.Module, patch: KernelPatch) -> None:
             module.dropout_kernel = True
             patch.adapted.append(module)
         if "forward" in vars(module):     # already replaced (by us or by someone else): leave it
+            forward = vars(module)["forward"]
+            if getattr(forward, "__func__", None) not in _REPLACEMENTS and (
+                    _is_rms_norm(module) or _is_swiglu_mlp(module) or _calls_rope(module)):
+                foreign.append(type(module).__name__)
             continue
         if _is_rms_norm(module):
             module.forward = types.MethodType(_norm_forward, module)

@@ -3,7 +3,7 @@
 The kernels (the dropout's included) are tested in CI only in Triton's interpreter; a GPU compiles them with its own
 toolchain (Triton version, CUDA, architecture), where a miscompile or an unsupported feature shows
 only there. So before `lorakit train` relies on them it runs each one, forward and backward, on a
-few small tensors in fp32 and bf16, and compares with the PyTorch code it replaces. A failure
+few small tensors in fp32, bf16 and fp16, and compares with the PyTorch code it replaces. A failure
 (an exception, or results off by more than rounding) turns the kernels off for the run with a
 warning under `training.kernels: auto`, and is an error under `training.kernels: triton`. About a
 second on a GPU, most of it compiling the kernels the run compiles anyway; the result is cached
@@ -20,9 +20,9 @@ from torch import Tensor
 
 from .common import on_device_of
 
-# Within rounding: bf16 results are compared at 2^-6 of each tensor's scale (a kernel's rounding
+# Within rounding: bf16 (fp16) results are compared at 2^-6 (2^-9) of each tensor's scale (a kernel's rounding
 # may differ by a unit in the last place from PyTorch's; a wrong index or sign is off by the scale).
-_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2**-6}
+_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2**-6, torch.float16: 2**-9}
 
 
 def _close(got: Tensor, want: Tensor, dtype: torch.dtype) -> bool:
@@ -105,7 +105,7 @@ def self_check(device: torch.device) -> str | None:
 
 
 def _first_problem(device: torch.device) -> str | None:
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for name, kernel, reference, inputs in _cases(device, dtype):
             got = _outputs_and_grads(kernel, inputs, seed=2)
             want = _outputs_and_grads(reference, inputs, seed=2)

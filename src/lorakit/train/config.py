@@ -162,6 +162,10 @@ class TrainingSection:
             (self.keep_last >= 1, "training.keep_last must be >= 1"),
             (self.strategy in STRATEGIES, f"training.strategy must be one of {', '.join(STRATEGIES)}"),
             (self.kernels in KERNELS, f"training.kernels must be one of {', '.join(KERNELS)}"),
+            (not (self.kernels == "triton" and self.compile),
+             "training.kernels: triton and training.compile: true exclude each other: torch.compile writes its "
+             "own Triton kernels for these ops (and lorakit's would break its graphs); keep one, or set "
+             "training.kernels: auto"),
             (self.gradient_checkpointing or not self.offload_activations,
              "training.offload_activations moves the checkpointed layer inputs to CPU memory, so it needs "
              "training.gradient_checkpointing: true"),
