@@ -27,7 +27,7 @@ from torch import Tensor
 from .common import SUPPORTED_DTYPES, check_tensor, on_device_of
 
 BYTES = 128          # mask bytes (8 entries each) per program
-MAX_ELEMENTS = 2**31 - 1   # Philox counters and offsets are 32-bit here
+MAX_ELEMENTS = 2**31 - 2**20   # 32-bit offsets and Philox counters, with room for the last block
 
 
 @triton.jit
