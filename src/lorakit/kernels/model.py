@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..layers import LoraLinear
 from ..ops import recompute
 from . import selfcheck
-from .common import SUPPORTED_DTYPES, interpreting, runs_on, triton_importable
+from .common import SUPPORTED_DTYPES, interpreting, kernels_configured, runs_on, triton_importable
 
 
 def _same_code(f: Callable, g: Callable) -> bool:
@@ -242,8 +242,6 @@ def kernels_wanted(setting: str, device: torch.device, compiling: bool) -> bool:
     torch.compile runs: inductor then writes its own Triton kernels for these ops). Either way the
     kernels must first pass `selfcheck.self_check` on the device: under auto a failure means
     PyTorch with a warning, under triton an error."""
-    if setting == "torch":
-        return False
     if setting == "triton":
         if not triton_importable():
             raise ImportError("training.kernels: triton needs triton: pip install 'lorakit[kernels]' "
@@ -257,7 +255,7 @@ def kernels_wanted(setting: str, device: torch.device, compiling: bool) -> bool:
             raise RuntimeError(f"training.kernels: triton: the Triton kernels failed their check against "
                                f"PyTorch on {device}: {problem}; set training.kernels: torch")
         return True
-    if device.type != "cuda" or compiling or not triton_importable():
+    if not kernels_configured(setting, device.type, compiling) or not triton_importable():
         return False
     problem = selfcheck.self_check(device)
     if problem:

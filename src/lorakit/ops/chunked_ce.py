@@ -66,8 +66,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         h = hidden.index_select(0, rows)                            # (n, d)
         t = targets.index_select(0, rows)                           # (n,)
         n = h.shape[0]
-        if n and (bool(t.min() < 0) or bool(t.max() >= weight.shape[0])):
-            bad = int(t[(t < 0) | (t >= weight.shape[0])][0])
+        outside = (t < 0) | (t >= weight.shape[0])                  # (n,)
+        if bool(outside.any()):                                     # one sync, as the nonzero above
+            bad = int(t[outside][0])
             raise ValueError(f"chunked_cross_entropy: target {bad} is outside the vocabulary of the head "
                              f"({weight.shape[0]} rows) and is not ignore_index ({ignore_index}); resize the "
                              "model's embeddings to the tokenizer (model.resize_token_embeddings)")

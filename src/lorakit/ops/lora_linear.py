@@ -187,4 +187,4 @@ def lora_linear_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | No
     if kernel and dropout > 0:
         from ..kernels.dropout import fits
         kernel = fits(x) and fits(out)
-    return _LoraLinear.apply(out, x, A, B, bias, scaling, dropout, seed, None, recipe, kernel and dropout > 0)
+    return _LoraLinear.apply(out, x, A, B, bias, scaling, dropout, seed, None, recipe, kernel)

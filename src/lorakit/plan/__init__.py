@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..kernels.common import kernels_configured
 from ..kernels.model import kernel_targets
 from ..train.config import TrainConfig
 from .estimate import METHODS, Estimate, Workload, estimate, largest, usable
@@ -122,8 +123,7 @@ def make_plan(cfg: TrainConfig, *, model: str | None = None, memory: int | None 
     train = trainables_of(meta, arch)
     weights = weights_of(meta)
     attention = cfg.model.attn_implementation
-    kernels = cfg.training.kernels == "triton" or (cfg.training.kernels == "auto" and device == "cuda"
-                                                   and not cfg.training.compile)
+    kernels = kernels_configured(cfg.training.kernels, device, cfg.training.compile)
     kernel_norms, kernel_mlp = kernel_targets(meta) if kernels else (False, False)
     workload = Workload(cfg.training.micro_batch_size, cfg.data.max_seq_len, weight_bytes, compute_bytes, device,
                         attention, masked=padded and attention != "flash_attention_2",

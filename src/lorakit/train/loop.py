@@ -124,8 +124,8 @@ def _train(cfg: TrainConfig, cleanup: ExitStack) -> RunSummary:
         _enable_checkpointing(model, offload=t.offload_activations and device.type == "cuda")
     if t.compile:
         log(f"training.compile: compiling {compile_decoder_layers(model)} decoder layers (on the first steps)")
-    kernel_loss = kernels_wanted(t.kernels, device, t.compile)
-    if kernel_loss:
+    kernels_on = kernels_wanted(t.kernels, device, t.compile)
+    if kernels_on:
         kernels = use_kernels(model)
         cleanup.callback(kernels.remove)
         log(kernels.describe())
@@ -178,7 +178,7 @@ def _train(cfg: TrainConfig, cleanup: ExitStack) -> RunSummary:
                 for batch in micro:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with autocast():
-                        s, _ = loss_sum(step_model, batch, chunked=t.chunked_loss, kernel=kernel_loss)
+                        s, _ = loss_sum(step_model, batch, chunked=t.chunked_loss, kernel=kernels_on)
                     aux = trainee.aux_losses(model)
                     # DDP averages gradients over processes: scale by world so the result is the sum / n_trained
                     loss = s * dist.world / n_trained + sum(w * v for w, v in aux.values()) / t.grad_accum
