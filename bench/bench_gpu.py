@@ -160,7 +160,7 @@ def attach(case: Case, model: nn.Module) -> None:
         lk.add_adapter(model, lk.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear"),
                        adapter_dtype=torch.float32)   # as `lorakit train` adds them
         if case.kernels:
-            from lorakit.kernels.model import use_kernels
+            from lorakit.train.kernels import use_kernels
 
             use_kernels(model)
         case.module = model
@@ -191,7 +191,7 @@ def cases_for(kinds: list[tuple[str, bool]], nf4: bool, kernels: bool = False) -
 
 def kernels_available(device: torch.device) -> bool:
     """lorakit's Triton kernels run here (CUDA and triton); --tiny's CPU smoke run has none."""
-    from lorakit.kernels.model import kernels_wanted
+    from lorakit.train.kernels import kernels_wanted
 
     return kernels_wanted("auto", device, compiling=False)
 

@@ -33,10 +33,10 @@ from lorakit.builtin import builtin_data_files, builtin_model_dir
 from lorakit.builtin.model import VERSION as MODEL_VERSION
 from lorakit.builtin.model import pretraining_document
 from lorakit.builtin.tasks import DATA_VERSION, task_of
+from lorakit.model_io import load_model, load_tokenizer
 from lorakit.train.config import load_config
 from lorakit.train.evaluate import generate_greedy
 from lorakit.train.loop import train
-from lorakit.train.model_io import load_model, load_tokenizer
 
 TASKS = ["sentiment", "compare", "parity", "count"]
 DESCRIPTIONS = {

@@ -23,11 +23,11 @@ from transformers.utils import logging as hf_logging
 import lorakit as lk
 from lorakit.builtin import BUILTIN_MODEL, builtin_data_files
 from lorakit.builtin.tasks import task_of
+from lorakit.model_io import load_model, load_tokenizer
 from lorakit.train.config import DataSection, load_config
 from lorakit.train.data import build_datasets, collate
 from lorakit.train.loop import train
 from lorakit.train.loss import loss_sum
-from lorakit.train.model_io import load_model, load_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parent
 TASKS = ("sentiment", "parity")

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+# The built-in model and tasks are cached under $LORAKIT_CACHE (default ~/.cache/lorakit). The suite
+# keeps its own cache, never the user's: one per checkout, git-ignored, kept across runs so the
+# built-in model (~20 s to pretrain) is built once. Set here, before any test imports lorakit, and
+# in os.environ so the CLI and torchrun subprocesses the tests launch inherit it.
+# LORAKIT_TEST_CACHE moves it (e.g. to a CI cache directory).
+os.environ["LORAKIT_CACHE"] = os.environ.get(
+    "LORAKIT_TEST_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "lorakit-test"))
 
 if not torch.cuda.is_available():
     # Triton kernels (lorakit.kernels) run in Triton's interpreter on CPU tensors. The switch is read

@@ -26,8 +26,7 @@ import tempfile  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
 
 from lorakit.builtin import build_tokenizer  # noqa: E402
 from lorakit.plan import make_plan  # noqa: E402
@@ -61,17 +60,13 @@ def write_inputs(root: Path) -> Path:
     """Tiny Llama (GQA: 4 heads, 2 KV heads) and GPT-2 directories with the built-in byte tokenizer,
     and the two data files."""
     tokenizer = build_tokenizer()
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    gpt2 = dict(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids)
-    llama = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **ids)
-    torch.manual_seed(0)
+    # width 64, 256 positions, the tokenizer's ids; one seed for the four, drawn in this order
+    common = dict(tokenizer=tokenizer, width=64, positions=256, training=True)
     models = {
-        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **llama)),
-        "llama_vocab": LlamaForCausalLM(LlamaConfig(vocab_size=8000, **llama)),   # the loss head dominates
-        "gpt2": GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **gpt2)),
-        "gpt2_dropout": GPT2LMHeadModel(GPT2Config(**gpt2)),   # GPT-2's own 0.1 dropouts
+        "llama": tiny_model(seed=0, tie=False, **common),
+        "llama_vocab": tiny_model(seed=None, tie=False, vocab=8000, **common),   # the loss head dominates
+        "gpt2": tiny_model("gpt2", seed=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common),
+        "gpt2_dropout": tiny_model("gpt2", seed=None, **common),   # GPT-2's own 0.1 dropouts
     }
     for name, model in models.items():
         model.save_pretrained(root / name)

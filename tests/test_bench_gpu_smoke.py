@@ -48,6 +48,7 @@ def test_timed_cases_run_and_step0_losses_agree():
         assert all(r[8] == "n/a" for r in rows)                        # no peak FLOP/s known for a CPU
 
 
+@pytest.mark.slow   # a second run of the script; the timed cases above keep it from rotting in the fast suite
 def test_max_seq_search_on_a_budget():
     # 9 MiB: lorakit with checkpointing peaks at ~7.6 MiB at 128 tokens, PEFT without it at ~10.3
     out = run_bench("--tiny", "--device", "cpu", "--max-seq", "--no-qlora", "--max-seq-cap", "128",

@@ -28,6 +28,7 @@ def test_core_demo_learns_and_round_trips(tmp_path, monkeypatch, capsys):
     assert "reloaded: max |diff| 0.0e+00" in out
 
 
+@pytest.mark.slow   # trains its experts on the built-in model; tests/compose covers each call on tiny models
 def test_composition_demo_uses_the_library_every_way(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["composition_demo.py", "--steps", "20", "--out", str(tmp_path)])
     runpy.run_path(str(ROOT / "examples" / "composition_demo.py"), run_name="__main__")
@@ -58,6 +59,7 @@ def _quickstart(tmp_path, *overrides):
     return train(cfg)
 
 
+@pytest.mark.slow   # 150 steps; tests/train/test_golden_losses.py runs 20 steps of the same config in the fast suite
 def test_quickstart_shows_learning_on_held_out_prompts(tmp_path):
     """A shortened `make demo`: the base scores 0% on the held-out tasks; 150 steps already help."""
     s = _quickstart(tmp_path, "training.max_steps=150", "training.eval_every=0")

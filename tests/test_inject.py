@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+from adapter_support import perturb
 from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
 
@@ -12,15 +13,6 @@ from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 
 def adapted(model):
     return sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer))
-
-
-def perturb(model, name="default", std=0.1, seed=0):
-    """Give adapter `name` non-zero B (and A for embeddings) so it changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if f"lora_B.{name}." in pname or f"lora_embedding_A.{name}" in pname:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 # ---- matching --------------------------------------------------------------------------------

@@ -3,9 +3,9 @@ import re
 
 import pytest
 import torch
+from adapter_support import perturb
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_inject import perturb
 from tiny_models import tiny_gpt2, tiny_llama
 
 import lorakit as lk

@@ -31,16 +31,7 @@ import peft
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from tiny_models import tiny_model
 
 import lorakit as lk
 from lorakit.layers import LoraLayer, ModulesToSave
@@ -57,41 +48,20 @@ _EMBEDDING_SAVE_WARNING = r"ignore:Setting `save_embedding_layers` to `True`:Use
 # ---- tiny models ------------------------------------------------------------------------------
 
 
-def _llama() -> torch.nn.Module:
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    ))
-
-
-def _mistral() -> torch.nn.Module:
-    return MistralForCausalLM(MistralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    ))
-
-
-def _qwen2() -> torch.nn.Module:  # q/k/v projections carry biases
-    return Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    ))
-
-
-def _gpt2() -> torch.nn.Module:  # Conv1D layers (weight stored (d_in, d_out)), biases, tied lm_head
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
-    ))
-
-
-_BUILDERS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "gpt2": _gpt2}
+# the tiny models of tiny_models.py at vocab 96: Llama, Mistral, Qwen2 (q/k/v projections carry
+# biases) with a separate head and no padding row; GPT-2 (Conv1D layers, weight stored (d_in, d_out),
+# biases, tied lm_head) without its dropouts
+_CONFIGS = {
+    "llama": dict(tie=False, pad_token_id=None),
+    "mistral": dict(tie=False, pad_token_id=None),
+    "qwen2": dict(tie=False, pad_token_id=None),
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+}
 
 
 @functools.cache
 def _template(arch: str) -> torch.nn.Module:
-    torch.manual_seed(1234)
-    model = _BUILDERS[arch]()
+    model = tiny_model(arch, seed=1234, vocab=VOCAB, training=True, **_CONFIGS[arch])
     # Default init (std 0.02) leaves the tiny model's logits almost flat; spread the weights so
     # that differences between the adapters show clearly against the 1e-5 tolerance.
     with torch.no_grad():

@@ -20,13 +20,13 @@ from transformers import LlamaConfig
 import lorakit as lk
 from lorakit.cli import main
 from lorakit.errors import ConfigError
+from lorakit.model_io import load_tokenizer
 from lorakit.plan import TASK_RANKS, make_plan, parse_size, render_text
 from lorakit.plan.estimate import largest
 from lorakit.train.config import load_config
 from lorakit.train.data import build_datasets
 from lorakit.train.loss import loss_sum
 from lorakit.train.memory import PeakMemory
-from lorakit.train.model_io import load_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Llama 3.1 8B's config.json (meta-llama/Llama-3.1-8B), the values that shape the model

@@ -14,15 +14,16 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_llama
+from tiny_models import tiny_gpt2, tiny_llama, tiny_model_dir
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
 from lorakit.builtin import build_tokenizer
 from lorakit.cli import main as cli_main
 from lorakit.errors import AdapterStateError, ConfigError, LoraError
+from lorakit.model_io import load_model
 from lorakit.plan.estimate import NF4_BYTES
 from lorakit.quantize import (
     NF4_BLOCKSIZE,
@@ -33,7 +34,6 @@ from lorakit.quantize import (
 )
 from lorakit.train.config import load_config
 from lorakit.train.loop import train
-from lorakit.train.model_io import load_model
 
 try:
     bnb = import_bitsandbytes()
@@ -54,9 +54,7 @@ def llama64(seed: int = 0) -> LlamaForCausalLM:
 
 def gpt2_64(seed: int = 0) -> GPT2LMHeadModel:
     """A 2-layer GPT-2 (Conv1D layers), width 64, vocab 100, in eval mode."""
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=1, eos_token_id=2)
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_gpt2(seed, width=64)
 
 
 def quantized_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -339,14 +337,7 @@ def test_config_field_and_errors():
 def qlora_files(tmp_path_factory):
     """A tiny Llama directory with the byte tokenizer, and an 'echo WORD' -> WORD chat dataset."""
     path = tmp_path_factory.mktemp("qlora")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path / "model")
-    tokenizer.save_pretrained(path / "model")
+    tiny_model_dir(path / "model", build_tokenizer(), width=64, positions=128)
     with open(path / "train.jsonl", "w") as f:
         for w in ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white"]:
             f.write(json.dumps({"messages": [{"role": "user", "content": f"echo {w}"},

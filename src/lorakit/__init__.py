@@ -9,14 +9,8 @@
 
 from .compose.combine import combine_adapters
 from .compose.fusion import FusionConfig, add_fusion
-from .compose.mixture import (
-    MixtureConfig,
-    add_mixture,
-    load_mixture,
-    mixture_aux_loss,
-    remove_mixture,
-    save_mixture,
-)
+from .compose.mixture import MixtureConfig, add_mixture, mixture_aux_loss, remove_mixture
+from .compose.mixture_files import load_mixture, save_mixture
 from .compose.per_sample import StackedAdapters, per_sample_adapters
 from .compose.router import FitResult, Router
 from .config import LoraConfig

@@ -19,10 +19,13 @@ import json
 import os
 import subprocess
 import sys
+from typing import get_args
 
 from . import __version__
 from .compose.combine import METHODS
+from .dtypes import DtypeChoice, DtypeName
 from .errors import LoraError
+from .quantize import QuantizeBase
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -38,8 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_preview_data(args: argparse.Namespace) -> int:
+    from .model_io import load_tokenizer
     from .train.config import load_config
-    from .train.model_io import load_tokenizer
     from .train.preview import preview_data
 
     cfg = load_config(args.config, args.overrides)
@@ -48,7 +51,7 @@ def cmd_preview_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train.evaluate import run_eval
+    from .verbs.evaluate import run_eval
 
     result = run_eval(args.config, args.overrides, data=args.data, model=args.model, adapters=args.adapter,
                       batch_size=args.batch_size)
@@ -58,7 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .export import merge_to_model_dir
+    from .verbs.merge import merge_to_model_dir
 
     out = merge_to_model_dir(args.adapter_dir, args.out, dtype=args.dtype, base=args.base,
                              max_shard_size=args.max_shard_size, quantize_base=args.quantize_base)
@@ -67,7 +70,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
-    from .compose.combine import combine_dirs
+    from .verbs.combine import combine_dirs
 
     out = combine_dirs(args.adapter_dirs, args.out, args.weights, args.method, base=args.base, density=args.density,
                        majority_sign=args.majority_sign, svd_rank=args.svd_rank, seed=args.seed)
@@ -76,7 +79,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate_text, load_for_inference
+    from .verbs.generate import generate_text, load_for_inference
 
     model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, args.device)
     messages = None
@@ -96,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .generate import chat_loop, load_for_inference
+    from .verbs.generate import chat_loop, load_for_inference
 
     model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, args.device)
     chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
@@ -165,7 +168,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the name that means the base model (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=get_args(DtypeChoice))
     p.add_argument("--device", default="auto")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     docs = field_docs(ServeConfig)
@@ -181,7 +184,7 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=get_args(DtypeChoice))
     p.add_argument("--device", default="auto")
 
 
@@ -221,10 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("merge", help="write base + adapter as a plain Hugging Face model directory")
     p.add_argument("adapter_dir")
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the base model's dtype")
+    p.add_argument("--dtype", choices=get_args(DtypeName), help="default: the base model's dtype")
     p.add_argument("--base", help="base model (default: the adapter config's base_model_name_or_path)")
     p.add_argument("--max-shard-size", default="2GB")
-    p.add_argument("--quantize-base", choices=["none", "nf4"],
+    p.add_argument("--quantize-base", choices=get_args(QuantizeBase),
                    help="merge into the NF4-dequantized base a QLoRA adapter trained on (default: as the run's "
                         "config.yaml says, else none)")
     p.set_defaults(run=cmd_merge)

@@ -4,6 +4,14 @@ The field names, defaults and JSON form are PEFT's, so an `adapter_config.json` 
 tool is read by the other. Per-module rank and alpha come from `rank_pattern` / `alpha_pattern`,
 whose keys are regexes matched against a dot-bounded suffix of the module name; the first key
 that matches wins (PEFT's rule).
+
+A config may come from an untrusted file, and a regex with nested quantifiers (`(.+)+x`)
+backtracks in Python's `re` for longer than the universe has existed on a 30-character module
+name. So every regex a config holds is compiled and matched by the `regex` package (the same
+syntax as `re` for PEFT's patterns), whose matches take a time limit: past `REGEX_TIMEOUT_S` the
+match is a `ConfigError` naming the field, never a hang. A static check for "dangerous" patterns
+would miss the other shapes that backtrack (overlapping alternatives, `(.|[a-z])+`); a time
+limit misses none.
 """
 
 from __future__ import annotations
@@ -14,10 +22,13 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import regex
+
 from .errors import ConfigError
 
 BIAS_MODES = ("none", "all", "lora_only")
-_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+"""`init_lora_weights="pissa_niter_N"`: PiSSA by a randomized SVD with N subspace iterations."""
 
 # PEFT's `adapter_config.json` keys that lorakit does not model. Harmless when they hold their
 # "off" value (None, False, {}, [] or the listed default); anything else changes the math.
@@ -64,10 +75,30 @@ def scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def pattern_key(keys: list[str], module_name: str) -> str | None:
-    """The first `rank_pattern` / `alpha_pattern` key whose regex matches a dot-bounded suffix."""
+REGEX_TIMEOUT_S = 1.0
+"""Time limit of one config regex against one module name. PEFT's patterns take microseconds, so
+only catastrophic backtracking comes near it."""
+
+
+def match_name(what: str, pattern: str, module_name: str, full: str | None = None) -> regex.Match | None:
+    """The config regex `pattern` (field `what`) fullmatched against `module_name`, or `full`, a
+    regex built around it, in its place; past `REGEX_TIMEOUT_S`, a `ConfigError` naming the field."""
+    try:
+        return regex.fullmatch(pattern if full is None else full, module_name, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise ConfigError(
+            f"{what} {pattern!r} took over {REGEX_TIMEOUT_S:g} s to match the module name {module_name!r}: it "
+            "backtracks catastrophically (a quantifier inside a quantifier, such as (.+)+, or overlapping "
+            "alternatives under one, such as (.|\\w)+). Rewrite it without them, e.g. '.*\\.(q_proj|v_proj)', "
+            "or give a list of module names"
+        ) from None
+
+
+def pattern_key(keys: list[str], module_name: str, what: str = "LoraConfig.rank_pattern key") -> str | None:
+    """The first `rank_pattern` / `alpha_pattern` key (field `what`, for errors) whose regex matches
+    a dot-bounded suffix of `module_name`."""
     for key in keys:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if match_name(what, key, module_name, full=rf"(.*\.)?({key})"):
             return key
     return None
 
@@ -134,15 +165,14 @@ class LoraConfig:
     def _validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
-            raise ConfigError(f"LoraConfig.lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+        _check_alpha("LoraConfig.lora_alpha", self.lora_alpha)
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"LoraConfig.bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {self.bias!r}")
         init = self.init_lora_weights
         if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora")
-                or (isinstance(init, str) and _PISSA_NITER.fullmatch(init))):
+                or (isinstance(init, str) and PISSA_NITER.fullmatch(init))):
             raise ConfigError(
                 "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_N' "
                 f"(N an integer) or 'olora', got {init!r}"
@@ -163,8 +193,7 @@ class LoraConfig:
                 raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be an integer >= 1, got {value!r}")
         for key, value in self.alpha_pattern.items():
             _compile("LoraConfig.alpha_pattern key", key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"LoraConfig.alpha_pattern[{key!r}] must be a number > 0, got {value!r}")
+            _check_alpha(f"LoraConfig.alpha_pattern[{key!r}]", value)
         layers = self.layers_to_transform
         if layers is not None:
             items = [layers] if isinstance(layers, int) else layers
@@ -177,15 +206,17 @@ class LoraConfig:
                 )
         if self.layers_pattern not in (None, "", []) and layers is None:
             raise ConfigError("LoraConfig.layers_pattern is only used with layers_to_transform; set both or neither")
+        for pattern in [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []:
+            _compile("LoraConfig.layers_pattern", pattern)
 
     # ---- per-module values -------------------------------------------------------------------
 
     def rank_for(self, module_name: str) -> int:
-        key = pattern_key(list(self.rank_pattern), module_name)
+        key = pattern_key(list(self.rank_pattern), module_name, "LoraConfig.rank_pattern key")
         return self.rank_pattern[key] if key is not None else self.r
 
     def alpha_for(self, module_name: str) -> float:
-        key = pattern_key(list(self.alpha_pattern), module_name)
+        key = pattern_key(list(self.alpha_pattern), module_name, "LoraConfig.alpha_pattern key")
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def scaling_for(self, module_name: str) -> float:
@@ -228,7 +259,19 @@ class LoraConfig:
 
 
 def _compile(what: str, pattern: str) -> None:
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{what} must be a regex string, got {pattern!r}")
     try:
-        re.compile(pattern)
-    except re.error as e:
+        regex.compile(pattern)
+    except regex.error as e:
         raise ConfigError(f"{what} {pattern!r} is not a valid regex: {e}") from None
+
+
+def _check_alpha(what: str, value: Any) -> None:
+    """An alpha is a number > 0 and finite: Python's json reads `Infinity`, and an infinite scaling
+    makes every output non-finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{what} must be a number > 0, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} must be finite, got {value!r}: the scaling alpha / r would make every "
+                          "output non-finite")

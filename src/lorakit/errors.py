@@ -1,6 +1,8 @@
 """Error types. Every lorakit error is a `LoraError` (a `ValueError`), so callers can catch one
 type; subclasses let tests and tools tell the cases apart. Messages name the thing and the fix."""
 
+from collections.abc import Sequence
+
 
 class LoraError(ValueError):
     """Base class of lorakit's errors."""
@@ -20,3 +22,8 @@ class AdapterStateError(LoraError):
 
 class AdapterFileError(LoraError):
     """An adapter directory or file is missing pieces, corrupt, or does not fit the model."""
+
+
+def few(items: Sequence[str], n: int = 5) -> str:
+    """The first `n` of a long list for a message, and how many more there are."""
+    return ", ".join(items[:n]) + (f", ... {len(items) - n} more" if len(items) > n else "")

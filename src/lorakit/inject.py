@@ -7,7 +7,8 @@ bookkeeping (each adapter's resolved config, the active set, the parameters lora
 lives in one attribute, `model._lorakit`.
 
 Target matching is PEFT's, so a config means the same module set in both tools:
-  - a string is `re.fullmatch`ed against the full dotted module name;
+  - a string is fullmatched against the full dotted module name (within a time limit:
+    `config.match_name`);
   - a list matches a name equal to an entry or ending with "." + entry, then
     `layers_to_transform` / `layers_pattern` filter by layer index;
   - "all-linear" is every nn.Linear / Conv1D except the output head;
@@ -27,14 +28,16 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .base_types import CONV_TYPES, LINEAR_TYPES
+from .config import DEFAULT_TARGET_MODULES, LoraConfig, match_name
 from .errors import AdapterStateError, ConfigError, LoraError, TargetModulesError
-from .layers import CONV_TYPES, LINEAR_TYPES, LoraLayer, ModulesToSave, make_lora_layer, rewrites_base
+from .init_from_base import rewrites_base
+from .layers import LoraLayer, ModulesToSave, make_lora_layer
 from .ops import recompute
 from .quantize import dequantize_linears, is_4bit, weight_count
 
 BASE_NAME = "__base__"
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")   # an adapter name: it names a folder when saved
 _SUPPORTED = LINEAR_TYPES + (nn.Embedding,) + CONV_TYPES
 
 
@@ -50,6 +53,11 @@ class LoraState:
     """Base parameters lorakit set to requires_grad=False; `unload` gives them back."""
     hooks: list[RemovableHandle] = field(default_factory=list)
     """The forward hooks that let adapters rebuild their inputs in backward (ops.recompute)."""
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether lorakit adapters are on `model` (it then has a `LoraState`)."""
+    return getattr(model, "_lorakit", None) is not None
 
 
 def get_state(model: nn.Module) -> LoraState:
@@ -109,7 +117,8 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
     else:
         match = None
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = match_name("LoraConfig.layers_pattern", pattern, name,
+                               full=rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\..*")
             if match:
                 break
     if match is None:
@@ -120,7 +129,7 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
 
 def _excluded(config: LoraConfig, name: str) -> bool:
     ex = config.exclude_modules
-    if isinstance(ex, str) and re.fullmatch(ex, name):
+    if isinstance(ex, str) and match_name("LoraConfig.exclude_modules", ex, name):
         return True
     if isinstance(ex, list) and _matches_list(name, ex):
         return True
@@ -154,7 +163,7 @@ def _find_targets(model: nn.Module, config: LoraConfig, targets: str | list[str]
         if not name or isinstance(module, ModulesToSave) or _excluded(config, name):
             continue
         if isinstance(targets, str):
-            hit = re.fullmatch(targets, name) is not None
+            hit = match_name("LoraConfig.target_modules", targets, name) is not None
         else:
             entry = _matches_list(name, targets)
             hit = entry is not None and _layer_index_ok(config, name)
@@ -179,8 +188,9 @@ def _find_targets(model: nn.Module, config: LoraConfig, targets: str | list[str]
     return found
 
 
-def _check_new_name(model: nn.Module, name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name == BASE_NAME:
+def check_new_name(model: nn.Module, name: str) -> None:
+    """Refuse a name that is not a valid adapter name or is taken on `model`."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name == BASE_NAME:
         raise AdapterStateError(
             f"adapter name {name!r} is not valid: use letters, digits, '_' and '-' (it names a folder when "
             f"saved), and not {BASE_NAME!r}, which means 'no adapter'"
@@ -191,25 +201,18 @@ def _check_new_name(model: nn.Module, name: str) -> None:
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, trainable: bool = True,
-                activate: bool = True, adapter_dtype: torch.dtype | None = None) -> nn.Module:
+                activate: bool = True, adapter_dtype: torch.dtype | None = None, initialise: bool = True) -> nn.Module:
     """Add a new adapter to `model` in place and return the model.
 
     The first adapter freezes every base parameter. The new adapter's parameters (and its
     `modules_to_save` copies and, per `bias`, base biases) train when `trainable`. With `activate`
     it becomes the only active adapter. Its weights take the base layer's dtype unless
-    `adapter_dtype` says otherwise.
+    `adapter_dtype` says otherwise. `initialise=False` is for loaders, which overwrite the weights
+    next: an init that rewrites the base (PiSSA, OLoRA) must not run then.
     """
-    return _add(model, config, name, trainable=trainable, activate=activate, adapter_dtype=adapter_dtype,
-                initialise=True)
-
-
-def _add(model: nn.Module, config: LoraConfig, name: str, *, trainable: bool, activate: bool,
-         adapter_dtype: torch.dtype | None, initialise: bool) -> nn.Module:
-    """`add_adapter`, with `initialise=False` for loading: the weights are about to be overwritten,
-    so an init that rewrites the base (PiSSA, OLoRA) must not run."""
     if not isinstance(config, LoraConfig):
         raise LoraError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
-    _check_new_name(model, name)
+    check_new_name(model, name)
     targets = resolve_target_modules(model, config)
     found = _find_targets(model, config, targets)
     save_names = _find_modules_to_save(model, config)
@@ -262,10 +265,10 @@ def _add(model: nn.Module, config: LoraConfig, name: str, *, trainable: bool, ac
     fan_in_fan_out = any(isinstance(m, LoraLayer) and getattr(m, "fan_in_fan_out", False) for m in new_layers)
     resolved = dataclasses.replace(
         config, target_modules=targets, fan_in_fan_out=fan_in_fan_out or config.fan_in_fan_out,
-        base_model_name_or_path=config.base_model_name_or_path or _model_name(model),
+        base_model_name_or_path=config.base_model_name_or_path or model_name(model),
     )
     state.configs[name] = resolved
-    _set_trainable(model, name, resolved, trainable)
+    set_trainable(model, name, resolved, trainable)
     if activate:
         set_active_adapters(model, [name])
     return model
@@ -293,12 +296,14 @@ def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _model_name(model: nn.Module) -> str | None:
+def model_name(model: nn.Module) -> str | None:
+    """The id or path the model was loaded from (transformers records it), or None."""
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     return name or None
 
 
-def _set_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: bool) -> None:
+def set_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: bool) -> None:
+    """Switch training of adapter `name`'s parameters (and, per `config.bias`, the base biases)."""
     for _, module in wrappers(model):
         if name in module.adapter_names:
             for p in module.adapter_parameters(name).values():
@@ -328,11 +333,12 @@ def list_adapters(model: nn.Module) -> list[str]:
 def get_adapter_config(model: nn.Module, name: str = "default") -> LoraConfig:
     """The resolved config of adapter `name` (as it is saved)."""
     state = get_state(model)
-    _check_known(state, [name])
+    check_known(state, [name])
     return state.configs[name]
 
 
-def _check_known(state: LoraState, names: list[str]) -> None:
+def check_known(state: LoraState, names: list[str]) -> None:
+    """Refuse names that are not adapters of the model `state` belongs to."""
     for n in names:
         if n not in state.configs:
             raise AdapterStateError(f"no adapter named {n!r}; adapters on this model: {list(state.configs)}")
@@ -346,7 +352,7 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
     """Make exactly `names` active (their terms are summed); [] leaves only the base."""
     state = get_state(model)
     names = [names] if isinstance(names, str) else list(names)
-    _check_known(state, names)
+    check_known(state, names)
     merged = {n for _, layer in lora_layers(model) for n in layer.merged_adapters}
     dropped = sorted(merged - set(names))
     if dropped:
@@ -384,7 +390,7 @@ def merge_adapters(model: nn.Module, names: list[str] | None = None, safe: bool 
     NaN/inf before any weight is written."""
     state = get_state(model)
     names = list(state.active) if names is None else ([names] if isinstance(names, str) else list(names))
-    _check_known(state, names)
+    check_known(state, names)
     inactive = [n for n in names if n not in state.active]
     if inactive:
         raise AdapterStateError(f"adapters {inactive} are not active; set_active_adapters to include them before merging")
@@ -418,7 +424,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`. Wrappers left without adapters are replaced by their base module;
     when the last adapter goes, the model is plain again (as after `unload(merge=False)`)."""
     state = get_state(model)
-    _check_known(state, [name])
+    check_known(state, [name])
     for module_name, module in list(wrappers(model)):
         if name in getattr(module, "merged_adapters", []):
             raise AdapterStateError(f"adapter {name!r} is merged into {module_name}; unmerge_adapters first")

@@ -9,7 +9,9 @@ parameter names; trainable base biases (`bias="all"|"lora_only"`) under their mo
 Several adapters: `default` at the root, every other one in `<dir>/<name>/`.
 
 Loading is strict where PEFT is lenient: a missing or unexpected key, or a shape that does not fit,
-is an error naming the module and both shapes, and nothing stays half-loaded. Nothing is ever
+is an error naming the module and both shapes, and nothing stays half-loaded. A tensor that is not
+floating point (it would be cast silently) or holds NaN / inf (every logit would turn non-finite)
+is refused too, the latter unless the caller passes `allow_nonfinite=True`. Nothing is ever
 unpickled; files are written to a temporary name and renamed into place.
 
 A model sharded by FSDP2 holds its parameters as DTensors, each process one shard. Saving gathers
@@ -21,18 +23,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import LoraConfig
-from .errors import AdapterFileError, LoraError
-from .inject import _add, delete_adapter, get_state, lora_layers, wrappers
+from .errors import AdapterFileError, LoraError, few
+from .files import atomic_write, read_safetensors
+from .inject import add_adapter, delete_adapter, get_state, lora_layers, wrappers
 from .layers import LoraEmbedding, LoraLayer
 
 CONFIG_NAME = "adapter_config.json"
@@ -94,9 +95,9 @@ def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor]
     directory.mkdir(parents=True, exist_ok=True)
     peft = config.to_peft_dict()
     peft["inference_mode"] = True
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(peft, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def gather_full(tensor: torch.Tensor) -> torch.Tensor:
@@ -118,17 +119,6 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     """The `LoraConfig` of a saved adapter directory."""
     directory = Path(path)
@@ -141,53 +131,65 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise AdapterFileError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise AdapterFileError(f"{file}: JSON nested too deeply to read; an adapter config is a flat "
+                               "object of PEFT's LoRA fields") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return LoraConfig.from_peft_dict(data, source=str(file))
+
+
+def base_model_of(path: str | os.PathLike, flag: str = "--base") -> str:
+    """The base model a saved adapter names (`base_model_name_or_path`), or an error saying which
+    command-line `flag` gives it instead."""
+    base = read_adapter_config(path).base_model_name_or_path
+    if not base:
+        raise LoraError(f"{path}/adapter_config.json names no base_model_name_or_path; pass {flag} MODEL")
+    return base
 
 
 def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a saved adapter directory, read from safetensors only."""
     directory = Path(path)
     file = directory / WEIGHTS_NAME
-    if not file.is_file():
-        if (directory / PICKLE_NAME).is_file():
-            raise AdapterFileError(
-                f"{directory / PICKLE_NAME} is a pickle, which lorakit never loads (unpickling can run code). "
-                f"Convert it once with PEFT: PeftModel.from_pretrained(base, '{directory}')"
-                ".save_pretrained(out_dir, safe_serialization=True)"
-            )
-        raise FileNotFoundError(f"{file} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        return load_file(file)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read as safetensors: {e}") from None
+    if not file.is_file() and (directory / PICKLE_NAME).is_file():
+        raise AdapterFileError(
+            f"{directory / PICKLE_NAME} is a pickle, which lorakit never loads (unpickling can run code). "
+            f"Convert it once with PEFT: PeftModel.from_pretrained(base, '{directory}')"
+            ".save_pretrained(out_dir, safe_serialization=True)"
+        )
+    return read_safetensors(file, f"an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False,
-                 activate: bool = True, adapter_dtype: torch.dtype | None = None) -> nn.Module:
+                 activate: bool = True, adapter_dtype: torch.dtype | None = None,
+                 allow_nonfinite: bool = False) -> nn.Module:
     """Load a PEFT-format adapter directory into `model` as adapter `name` (in place; returns the
-    model). Keys and shapes must fit exactly; on any mismatch nothing is left loaded."""
+    model). Keys and shapes must fit exactly and tensors be floating point and, unless
+    `allow_nonfinite` (to inspect a diverged run), free of NaN / inf; otherwise nothing is left
+    loaded."""
     config = read_adapter_config(path)
     tensors = read_adapter_weights(path)
     source = Path(path) / WEIGHTS_NAME
-    _add(model, config, name, trainable=trainable, activate=activate, adapter_dtype=adapter_dtype,
-         initialise=False)
+    add_adapter(model, config, name, trainable=trainable, activate=activate, adapter_dtype=adapter_dtype,
+                initialise=False)
     try:
-        _copy_into(model, name, tensors, source)
+        _copy_into(model, name, tensors, source, allow_nonfinite)
     except BaseException:
         delete_adapter(model, name)
         raise
     return model
 
 
-def load_adapter_weights(model: nn.Module, path: str | os.PathLike, name: str = "default") -> None:
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
+                         allow_nonfinite: bool = False) -> None:
     """Copy a saved adapter's tensors into the existing adapter `name` (e.g. to resume training);
-    keys and shapes must fit exactly."""
-    _copy_into(model, name, read_adapter_weights(path), Path(path) / WEIGHTS_NAME)
+    keys and shapes must fit exactly, as for `load_adapter`."""
+    _copy_into(model, name, read_adapter_weights(path), Path(path) / WEIGHTS_NAME, allow_nonfinite)
 
 
-def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path,
+               allow_nonfinite: bool) -> None:
     expected = adapter_state_dict(model, name)
     # PEFT also saves the base weight of targeted embeddings (for resized vocabularies); those
     # load into the base layer.
@@ -197,9 +199,9 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
     if unexpected or missing:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} keys the adapter config implies ({_few(missing)})")
+            parts.append(f"missing {len(missing)} keys the adapter config implies ({few(missing)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} keys that match nothing in the model ({_few(unexpected)})")
+            parts.append(f"{len(unexpected)} keys that match nothing in the model ({few(unexpected)})")
         hint = "" if any(k.startswith(PREFIX) for k in tensors) else \
             f"; keys must start with {PREFIX!r} as PEFT writes them"
         raise AdapterFileError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts) + hint)
@@ -211,6 +213,16 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
                 f"{source}: {key} has shape {tuple(tensor.shape)} but module {module} expects "
                 f"{tuple(target.shape)}; the adapter was made for another model or rank"
             )
+        if not tensor.is_floating_point():
+            raise AdapterFileError(
+                f"{source}: {key} has dtype {tensor.dtype}, but adapter weights are floating point "
+                f"({target.dtype} here) and would be cast silently; save the adapter in float32, float16 or bfloat16"
+            )
+        if not allow_nonfinite and not torch.isfinite(tensor).all():
+            raise AdapterFileError(
+                f"{source}: {key} holds NaN or inf, which would make every output non-finite (the run that "
+                "saved it diverged?); use an earlier checkpoint, or pass allow_nonfinite=True to load it anyway"
+            )
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = expected.get(key, extra.get(key))
@@ -221,7 +233,3 @@ def _embedding_base_weights(model: nn.Module, name: str) -> dict[str, torch.Tens
     return {f"{PREFIX}{module_name}.base_layer.weight": layer.base_layer.weight
             for module_name, layer in lora_layers(model)
             if isinstance(layer, LoraEmbedding) and name in layer.r}
-
-
-def _few(keys: list[str], n: int = 5) -> str:
-    return ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "")

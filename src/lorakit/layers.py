@@ -4,17 +4,34 @@ For a base weight W (d_out x d_in) and adapter factors A (r x d_in), B (d_out x 
 
     y = base(x) + sum over active adapters of  scaling * B A dropout(x)      (+ scaling * b_B)
 
-Dropout acts on the adapter path only. GPT-2's `Conv1D` stores W as (d_in x d_out)
-(`fan_in_fan_out`), so merging adds the transposed update. Embeddings are the other way round
-(A zeros, B normal at init; lookup rows of A^T). Conv layers use a conv A (the base's kernel) and
-a 1x1 conv B.
+with scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (`lorakit.config.scaling`). Dropout acts
+on the adapter path only. GPT-2's `Conv1D` stores W as (d_in x d_out) (`fan_in_fan_out`), so
+merging adds the transposed update. Embeddings are the other way round (A zeros, B normal at init;
+lookup rows of A^T). Conv layers use a conv A (the base's kernel) and a 1x1 conv B. The variants of
+the linear case have their own modules: DoRA `lorakit.dora`, the PiSSA / OLoRA inits
+`lorakit.init_from_base`.
 
-DoRA (Linear / Conv1D): W' = m * (W + s B A) / ||W + s B A||_row with a trainable magnitude m
-(d_out,); the norm is detached in the forward (DoRA paper, section 4.3). Its forward is
+Every wrapper runs `LoraLayer.forward`: the base output, then either the `composer` (below) or the
+class's `_add_terms` for the active adapters not merged into the base.
 
-    y = bias + (m/n - 1) * W dropout(x) + W x + (m/n) * s * B A dropout(x)
+Dropout has one source of masks per path:
+  - Linear, eager: `lorakit.ops.lora_linear_` draws the mask from a seed taken from torch's global
+    generator and keeps it for backward as bits (their layout: `lorakit.ops.dropout_bits`);
+  - Linear under `torch.compile`: the same op draws it with `torch.rand` in the graph and keeps it
+    as a bool tensor;
+  - Linear with the Triton kernels (`LoraLinear.dropout_kernel`): Philox in
+    `lorakit.kernels.dropout`, from the eager path's seed, into the same bit layout;
+  - DoRA terms and conv layers: `F.dropout` (torch's generator; autograd keeps the mask);
+  - embeddings: none.
 
-which with dropout 0 is exactly `bias + W' x`.
+Other code computes the adapter sum itself, set as a layer's `composer`:
+  - `lorakit.compose.per_sample`: a different adapter for each batch row, from the adapters'
+    factors stacked once (gathers and batched matmuls); inference only (a layer in training mode
+    is refused), so without dropout;
+  - `lorakit.compose.mixture`: a mixture of LoRA experts, the gate-weighted sum over the experts'
+    concatenated factors, with one `F.dropout` per group of experts sharing a dropout rate;
+  - `lorakit.compose.fusion`: AdapterFusion, attention over the adapters' outputs, on the mixture's
+    concatenated factors and dropout.
 
 Merging is explicit and idempotent: `merge` folds an adapter into W (remembering it, so its term
 is no longer added), `unmerge` takes it back out. Each wrapper keeps PEFT's attribute layout
@@ -25,31 +42,38 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import dora, init_from_base
+from .base_types import CONV_TYPES, LINEAR_TYPES, is_conv1d
+from .config import scaling
 from .errors import AdapterStateError, ConfigError, TargetModulesError
+from .init_from_base import rewrites_base
 from .kernels.common import runs_on
 from .ops import lora_linear_
 from .ops.recompute import find_recipe, record_factor
 from .quantize import dequantize_weight, is_4bit, weight_dtype
 
-try:  # transformers' GPT-2 style linear with a (d_in, d_out) weight
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency; keep the core importable
-    Conv1D = None  # type: ignore[assignment, misc]
 
-LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
-
-
-def rewrites_base(init: bool | str) -> bool:
-    """PiSSA and OLoRA inits replace the base weight by a residual (Linear / Conv1D only)."""
-    return isinstance(init, str) and (init == "olora" or init.startswith("pissa"))
+def _init_factors(A: Tensor, B: Tensor, bias: Tensor | None, init: bool | str, r: int) -> None:
+    """`init_lora_weights` True, "gaussian" or False on factors of any layout (linear or conv):
+    A kaiming-uniform with a=sqrt(5) (bound 1/sqrt(fan_in)), or N(0, (1/r)^2) with "gaussian"; B and
+    its bias zeros, so step 0 is the base model; with False, B kaiming-uniform too (a random update,
+    for debugging)."""
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            B.zero_()
+        if bias is not None:
+            bias.zero_()
 
 
 class _Wrapper(nn.Module):
@@ -68,7 +92,8 @@ class _Wrapper(nn.Module):
 
 
 class LoraLayer(_Wrapper):
-    """Bookkeeping shared by every adapter wrapper: names, ranks, scalings, active and merged sets."""
+    """What every adapter wrapper shares: names, ranks, scalings, active and merged sets, merging, and
+    the forward, whose adapter terms each class adds in `_add_terms`."""
 
     def __init__(self, base_layer: nn.Module, module_name: str) -> None:
         super().__init__()
@@ -99,7 +124,7 @@ class LoraLayer(_Wrapper):
                 use_dora: bool, lora_bias: bool) -> None:
         self.r[name] = r
         self.lora_alpha[name] = alpha
-        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling[name] = scaling(r, alpha, use_rslora)
         self.lora_dropout[name] = float(dropout)
         self.use_dora[name] = use_dora
         self.lora_bias[name] = lora_bias
@@ -204,22 +229,35 @@ class LoraLayer(_Wrapper):
     def _apply_row_factor(self, w: Tensor, factor: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _terms_to_add(self) -> list[str]:
-        if self.disabled:
-            return []
-        return [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+    # -- forward --------------------------------------------------------------------------------
 
-    def _composing(self) -> bool:
-        return self.composer is not None and not self.disabled
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.composer is not None:
+            return self.composer(self, x, result)
+        names = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        return self._add_terms(x, result, names) if names else result
+
+    def _add_terms(self, x: Tensor, result: Tensor, names: list[str]) -> Tensor:
+        """`result` (the base output) plus the terms of the adapters `names` (active, unmerged, at
+        least one), in that order."""
+        raise NotImplementedError
+
+    def _dropout(self, name: str) -> float:
+        """The adapter's dropout probability in effect now: 0 in eval mode."""
+        return self.lora_dropout[name] if self.training else 0.0
 
 
 class LoraLinear(LoraLayer):
     """LoRA around `nn.Linear`, transformers' `Conv1D` (weight stored as (d_in, d_out)) or a
     bitsandbytes 4-bit `Linear4bit` (QLoRA: its forward dequantizes, the adapter term adds on top;
-    merging needs a dequantized base, see `check_mergeable`)."""
+    merging needs a dequantized base, see `check_mergeable`). Its variants call their own modules:
+    DoRA adapters `lorakit.dora`, the PiSSA / OLoRA inits `lorakit.init_from_base`."""
 
     dropout_kernel = False
-    """Draw the dropout masks with the Triton kernels (set by `lorakit.kernels.model.use_kernels`)."""
+    """Draw the dropout masks with the Triton kernels (set by `lorakit.train.kernels.use_kernels`)."""
 
     def __init__(self, base_layer: nn.Module, module_name: str, fan_in_fan_out: bool) -> None:
         super().__init__(base_layer, module_name)
@@ -246,77 +284,39 @@ class LoraLinear(LoraLayer):
         kw = {"device": base.weight.device, "dtype": dtype or weight_dtype(base)}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)   # weight (r, d_in)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)  # weight (d_out, r)
-        self._init(name, True if rewrites_base(init) else init)
+        B = self.lora_B[name]
+        _init_factors(self.lora_A[name].weight, B.weight, B.bias, True if rewrites_base(init) else init, r)
         if use_dora:
             self._init_magnitude(name)
 
     def _init_magnitude(self, name: str) -> None:
-        """m = ||W + s B A||_row, so DoRA starts at the LoRA model's output."""
+        """m = ||W + s B A||_row, so DoRA starts at the LoRA model's output (see lorakit.dora)."""
+        A = self.lora_A[name].weight
         with torch.no_grad():
             w = self._weight_oi().to(torch.promote_types(self.base_layer.weight.dtype, torch.float32))
-            lora_w = (self.lora_B[name].weight @ self.lora_A[name].weight).to(w.dtype)
-            norm = torch.linalg.norm(w + self.scaling[name] * lora_w, dim=1)   # (d_out,)
-        self.lora_magnitude_vector[name] = nn.Parameter(norm.to(self.lora_A[name].weight.dtype))
+            norm = dora.row_norm(w, A, self.lora_B[name].weight, self.scaling[name])   # (d_out,)
+        self.lora_magnitude_vector[name] = nn.Parameter(norm.to(A.dtype))
 
     def init_from_base(self, name: str, init: str) -> None:
-        """PiSSA / OLoRA: A and B from the base weight, which becomes the residual W - s B A.
-        Separate from `add_adapter` so that it runs only once every target accepted the adapter
-        (a failed add must not leave a rewritten base behind)."""
+        """PiSSA / OLoRA (see lorakit.init_from_base): A and B from the base weight, which becomes
+        the residual W - s B A. Separate from `add_adapter` so that it runs only once every target
+        accepted the adapter (a failed add must not leave a rewritten base behind)."""
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         with torch.no_grad():
-            if init == "olora":
-                self._init_olora(name)
-            else:
-                match = _PISSA_NITER.fullmatch(init)
-                self._init_pissa(name, int(match.group(1)) if match else None)
+            w = self._weight_oi().detach().float()                        # (d_out, d_in)
+            a, b = init_from_base.factors(w, init, self.r[name], s)       # (r, d_in), (d_out, r)
+            A.copy_(a.to(A.dtype))
+            B.copy_(b.to(B.dtype))
+            res = init_from_base.residual(w, A, B, s)                     # (d_out, d_in)
+            base_w = self.base_layer.weight
+            base_w.copy_((res.t() if self.fan_in_fan_out else res).to(base_w.dtype))
         if self.use_dora[name]:
             self._init_magnitude(name)
-
-    def _init(self, name: str, init: bool | str) -> None:
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        with torch.no_grad():
-            if self.lora_B[name].bias is not None:
-                self.lora_B[name].bias.zero_()
-            if init is False:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            elif init is True:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))   # bound 1/sqrt(d_in)
-                B.zero_()
-            else:   # "gaussian"
-                nn.init.normal_(A, std=1.0 / self.r[name])
-                B.zero_()
 
     def _weight_oi(self) -> Tensor:
         """The base weight as (d_out, d_in), whatever its storage layout (dequantized if 4-bit)."""
         w = self.base_weight()
         return w.t() if self.fan_in_fan_out else w
-
-    def _set_residual(self, name: str, w_oi: Tensor) -> None:
-        """Replace the base weight by W - s B A (PiSSA / OLoRA keep the model's output unchanged)."""
-        res = w_oi - self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
-        base_w = self.base_layer.weight
-        base_w.copy_((res.t() if self.fan_in_fan_out else res).to(base_w.dtype))
-
-    def _init_pissa(self, name: str, niter: int | None) -> None:
-        r, s = self.r[name], self.scaling[name]
-        w = self._weight_oi().detach().float()                        # (d_out, d_in)
-        if niter is None:
-            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        else:
-            U, S, V = torch.svd_lowrank(w, q=r, niter=niter)
-            Vh = V.t()
-        sq = torch.sqrt(S[:r] / s)                                     # split sigma evenly, undo s
-        self.lora_A[name].weight.copy_((sq[:, None] * Vh[:r]).to(self.lora_A[name].weight.dtype))  # (r, d_in)
-        self.lora_B[name].weight.copy_((U[:, :r] * sq[None, :]).to(self.lora_B[name].weight.dtype))  # (d_out, r)
-        self._set_residual(name, w)
-
-    def _init_olora(self, name: str) -> None:
-        r = self.r[name]
-        w = self._weight_oi().detach().float()                        # (d_out, d_in)
-        Q, R = torch.linalg.qr(w)                                      # Q (d_out, k), R (k, d_in)
-        self.lora_A[name].weight.copy_(R[:r].to(self.lora_A[name].weight.dtype))
-        self.lora_B[name].weight.copy_(Q[:, :r].to(self.lora_B[name].weight.dtype))
-        self._set_residual(name, w)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         params = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
@@ -334,58 +334,40 @@ class LoraLinear(LoraLayer):
         return delta.t() if self.fan_in_fan_out else delta
 
     def _dora_merge_factor(self, name: str, new_w: Tensor) -> Tensor:
-        w_oi = new_w.t() if self.fan_in_fan_out else new_w
-        norm = torch.linalg.norm(w_oi, dim=1)                          # (d_out,)
-        return self.lora_magnitude_vector[name].detach().to(new_w.dtype) / norm
+        w_oi = new_w.t() if self.fan_in_fan_out else new_w                # (d_out, d_in)
+        return dora.merge_factor(self.lora_magnitude_vector[name], w_oi)
 
     def _apply_row_factor(self, w: Tensor, factor: Tensor) -> Tensor:
         return w * factor[None, :] if self.fan_in_fan_out else w * factor[:, None]
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self._composing():
-            return self.composer(self, x, result)
-        names = self._terms_to_add()
-        if not names:
-            return result
+    def _add_terms(self, x: Tensor, result: Tensor, names: list[str]) -> Tensor:
         if result._base is not None and is_4bit(self.base_layer):
             # bitsandbytes' 4-bit matmul with a bias returns a view of its own output; autograd
             # forbids adding into it in place, so the adapter terms get their own copy
             result = result.clone()
         recipe = find_recipe(x) if self.training else None   # rebuild x in backward instead of keeping it
-        base_out = None
-        if any(self.use_dora[n] for n in names):
+        dora_names = [n for n in names if self.use_dora[n]]
+        if dora_names:
             bias = getattr(self.base_layer, "bias", None)
             base_out = result - bias if bias is not None else result     # W x, before any adapter term
+            w = self._weight_oi()                                          # (d_out, d_in)
             # DoRA terms first: they add out of place, so the in-place LoRA adds below never
             # touch `base_out`.
-            names = sorted(names, key=lambda n: not self.use_dora[n])
+            for name in dora_names:
+                result = result + dora.term(x, base_out, weight=w, A=self.lora_A[name].weight,
+                                            B=self.lora_B[name].weight,
+                                            magnitude=self.lora_magnitude_vector[name],
+                                            scaling=self.scaling[name], dropout=self._dropout(name))
         kernel = self.dropout_kernel and self.training and runs_on(x)
         for name in names:
-            p = self.lora_dropout[name] if self.training else 0.0
-            if self.use_dora[name]:
-                result = result + self._dora_term(x, name, p, base_out)
-            else:
+            if not self.use_dora[name]:
                 B = self.lora_B[name]
-                result = lora_linear_(result, x, self.lora_A[name].weight, B.weight, B.bias, self.scaling[name], p,
-                                      recipe, kernel)
+                result = lora_linear_(result, x, A=self.lora_A[name].weight, B=B.weight, bias=B.bias,
+                                      scaling=self.scaling[name], dropout=self._dropout(name), recipe=recipe,
+                                      kernel=kernel)
         if self.training:
             record_factor(result)   # down_proj may read it, as a factor of the MLP product
         return result
-
-    def _dora_term(self, x: Tensor, name: str, p: float, base_out: Tensor) -> Tensor:
-        """(m/n - 1) W dropout(x) + (m/n) s B A dropout(x), with n = ||W + sBA||_row detached."""
-        dtype = base_out.dtype
-        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-        w = self._weight_oi()
-        with torch.no_grad():
-            norm = torch.linalg.norm(w + s * (B @ A).to(w.dtype), dim=1).to(dtype)   # (d_out,)
-        factor = self.lora_magnitude_vector[name].to(dtype) / norm                  # (d_out,)
-        xd = F.dropout(x, p, training=True) if p > 0 else x
-        xd = xd.to(dtype)
-        lora_out = (xd @ A.to(dtype).t()) @ B.to(dtype).t()                         # (..., d_out)
-        base_part = base_out if p == 0 else F.linear(xd, w.to(dtype))
-        return (factor - 1) * base_part + factor * lora_out * s
 
 
 class LoraEmbedding(LoraLayer):
@@ -431,12 +413,9 @@ class LoraEmbedding(LoraLayer):
         B = self.lora_embedding_B[name].detach().to(work)
         return self.scaling[name] * (B @ A).t()                        # (num_embeddings, dim)
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self._composing():
-            return self.composer(self, x, result)
+    def _add_terms(self, x: Tensor, result: Tensor, names: list[str]) -> Tensor:
         base = self.base_layer
-        for name in self._terms_to_add():
+        for name in names:
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
             rows = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type,
                                base.scale_grad_by_freq, base.sparse)     # (..., r)
@@ -474,17 +453,7 @@ class LoraConv(LoraLayer):
         self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
                                  base.dilation, bias=False, padding_mode=base.padding_mode, **kw)
         self.lora_B[name] = conv(r, base.out_channels, 1, 1, bias=lora_bias, **kw)
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A[name].weight, std=1.0 / r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-            if init is False:
-                nn.init.kaiming_uniform_(self.lora_B[name].weight, a=math.sqrt(5))
-            else:
-                self.lora_B[name].weight.zero_()
-            if lora_bias:
-                self.lora_B[name].bias.zero_()
+        _init_factors(self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias, init, r)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         params = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
@@ -498,12 +467,9 @@ class LoraConv(LoraLayer):
         B = self.lora_B[name].weight.detach().to(work).flatten(1)       # (c_out, r)
         return self.scaling[name] * torch.einsum("or,ri...->oi...", B, A)  # (c_out, c_in, *k)
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self._composing():
-            return self.composer(self, x, result)
-        for name in self._terms_to_add():
-            p = self.lora_dropout[name] if self.training else 0.0
+    def _add_terms(self, x: Tensor, result: Tensor, names: list[str]) -> Tensor:
+        for name in names:
+            p = self._dropout(name)
             xd = F.dropout(x, p, training=True) if p > 0 else x
             A, B = self.lora_A[name], self.lora_B[name]
             result = result + B(A(xd.to(A.weight.dtype))).to(result.dtype) * self.scaling[name]
@@ -555,10 +521,9 @@ def make_lora_layer(module: nn.Module, module_name: str) -> LoraLayer:
     """Wrap a supported base module, or say which types are supported. The weight layout
     (`fan_in_fan_out`) follows the module type, as PEFT corrects it: Conv1D is (d_in, d_out), and so
     is a 4-bit layer quantized from one (lorakit.quantize), so its adapter config is unchanged."""
-    if (Conv1D is not None and isinstance(module, Conv1D)) or getattr(module, "from_conv1d", False):
-        return LoraLinear(module, module_name, fan_in_fan_out=True)
-    if isinstance(module, nn.Linear):
-        return LoraLinear(module, module_name, fan_in_fan_out=False)
+    if isinstance(module, LINEAR_TYPES):   # a 4-bit layer is an nn.Linear
+        transposed = is_conv1d(module) or getattr(module, "from_conv1d", False)
+        return LoraLinear(module, module_name, fan_in_fan_out=transposed)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module, module_name)
     if isinstance(module, CONV_TYPES):

@@ -29,19 +29,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
+from .base_types import LINEAR_TYPES, Conv1D, is_conv1d
 from .errors import LoraError
 
-try:  # transformers' GPT-2 style linear with a (d_in, d_out) weight
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency; keep the core importable
-    Conv1D = None  # type: ignore[assignment, misc]
-_LINEARS: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-
-QUANTIZE_BASE = ("none", "nf4")
+QuantizeBase = Literal["none", "nf4"]
+"""How the frozen base is loaded: as it is, or nf4 (QLoRA, see above)."""
+QUANTIZE_BASE = get_args(QuantizeBase)
 NF4_BLOCKSIZE = 64
 """Weights per absmax block (bitsandbytes' default, and QLoRA's)."""
 NF4_DOUBLE_QUANT = True
@@ -123,11 +121,11 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, device: torch
     bnb = import_bitsandbytes()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, _LINEARS) and not is_4bit(m) and m is not head]
+               if isinstance(m, LINEAR_TYPES) and not is_4bit(m) and m is not head]
     if torch.device(device).type == "cpu":
         _check_cpu_widths(targets)
     for name, linear in targets:
-        conv1d = Conv1D is not None and isinstance(linear, Conv1D)
+        conv1d = is_conv1d(linear)
         weight = linear.weight.data.t().contiguous() if conv1d else linear.weight.data   # (d_out, d_in)
         q = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=NF4_DOUBLE_QUANT, quant_type="nf4",
@@ -163,7 +161,7 @@ def _check_cpu_widths(targets: list[tuple[str, nn.Module]]) -> None:
 
 
 def _in_features(m: nn.Module) -> int:
-    return m.weight.shape[0] if Conv1D is not None and isinstance(m, Conv1D) else m.in_features
+    return m.weight.shape[0] if is_conv1d(m) else m.in_features
 
 
 def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> int:

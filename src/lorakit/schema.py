@@ -3,7 +3,10 @@ apply `key.sub=value` overrides, and print their reference (for `--help` and the
 
 Each field's documentation is the string literal under it in the class body (an attribute
 docstring), read from the source once, so the docs live next to the defaults and cannot drift.
-Unknown keys are errors that suggest the closest valid key.
+A field with a fixed set of values is a `Literal` (possibly in a union with bool or None): the
+dataclass checks it with `check_choices`, and the reference and the CLI's `choices` read the
+values from the type, so they are written once. Unknown keys are errors that suggest the
+closest valid key.
 """
 
 from __future__ import annotations
@@ -48,9 +51,19 @@ def _nested(tp: Any) -> type | None:
     return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
-def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+def _field_default(f: dataclasses.Field) -> Any:
+    """A fresh default value of field `f` (None when it has none)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "", defaults: Any = None) -> Any:
     """Build dataclass `cls` from a mapping, recursing into nested dataclass fields. Unknown keys
-    are errors naming the closest valid key."""
+    are errors naming the closest valid key. Keys not given keep the values of `defaults` (an
+    instance of `cls`; None: the class's own defaults). A nested section starts from its field's
+    default, so a section whose default differs from its class's (the train config's `lora`) is
+    built on the values that apply, the ones `reference` prints."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__} ({data!r})")
@@ -66,7 +79,10 @@ def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
             raise ConfigError(f"unknown config key {path!r}{hint}")
         path = f"{where}.{key}" if where else key
         sub = _nested(hints[key])
-        kwargs[key] = from_dict(sub, value, path) if sub else _coerce(hints[key], value, path)
+        kwargs[key] = from_dict(sub, value, path, _field_default(names[key])) if sub else \
+            _coerce(hints[key], value, path)
+    if defaults is not None:
+        kwargs = {**{name: getattr(defaults, name) for name in names}, **kwargs}
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -75,7 +91,8 @@ def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     """Fit a YAML value to a field's type where YAML is ambiguous (`2e-4` is a string in YAML
-    1.1; an int is a fine float); anything else that does not fit is an error naming the key."""
+    1.1; an int is a fine float); anything else that does not fit is an error naming the key.
+    A Literal passes any value: the dataclass checks it (`check_choices`), on every construction."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -109,6 +126,44 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(f"{path} must be {_type_name(tp)}, got {value!r}")
 
 
+def _choices(tp: Any) -> tuple | None:
+    """The values a field of type `tp` may hold when they are a fixed set: the values of a Literal,
+    with True and False, or None, when it is in a union with bool or None. None for a free field."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if not any(typing.get_origin(o) is typing.Literal for o in options):
+        return None
+    values: list[Any] = []
+    for option in options:
+        if typing.get_origin(option) is typing.Literal:
+            values.extend(typing.get_args(option))
+        elif option is bool:
+            values.extend((True, False))
+        elif option is type(None):
+            values.append(None)
+        else:
+            return None
+    return tuple(values)
+
+
+def check_choices(obj: Any, section: str) -> None:
+    """Raise a ConfigError naming `section.field` for the first field of dataclass `obj` whose
+    value its Literal type does not allow (compared with the type too, so 1 is not True)."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        allowed = _choices(hints[f.name])
+        value = getattr(obj, f.name)
+        if allowed is not None and not any(type(value) is type(a) and value == a for a in allowed):
+            raise ConfigError(f"{section}.{f.name} must be one of {', '.join(map(_as_yaml, allowed))}, "
+                              f"got {value!r}")
+
+
+def _as_yaml(value: Any) -> str:
+    """A choice as a config file spells it: true, false, null, or the bare string."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
@@ -130,10 +185,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags beyond plain data), refusing a key given twice in one mapping:
+    PyYAML keeps the last silently, so a setting edited higher up in a config would be ignored.
+    Merge keys (`<<: *base`) still override what they merge in, as YAML defines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first_line
+            except TypeError:     # an unhashable key: the base class reports it
+                continue
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r}, first given on line {first_line[key] + 1}; keep one of them",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found") from None
     except yaml.YAMLError as e:

@@ -10,18 +10,17 @@ import re
 
 import pytest
 import torch
-from test_mixture import (
+from mixture_support import (
     NAMES,
     X,
-    _split,
     base_model,
     eval_loss,
     expert_terms,
     mixed_eval,
     mixture_args,
     randomise,
-    shared_experts,
     single_expert_losses,
+    split_args,
     tiny_with_experts,
 )
 from tiny_models import tiny_gpt2, tiny_llama
@@ -29,7 +28,8 @@ from tiny_models import tiny_gpt2, tiny_llama
 import lorakit as lk
 from lorakit.builtin.tasks import task_of
 from lorakit.compose.fusion import QK_INIT_STD, AdapterFusion
-from lorakit.compose.mixture import CONFIG_NAME, composers, load_mixture_weights
+from lorakit.compose.mixture import composers
+from lorakit.compose.mixture_files import CONFIG_NAME, load_mixture_weights
 from lorakit.inject import lora_layers
 from lorakit.train.config import load_config
 from lorakit.train.data import collate
@@ -225,17 +225,26 @@ def test_errors():
                                                    for p in layer.parameters())
 
 
-@pytest.fixture(scope="session")
-def experts(tmp_path_factory):
-    return shared_experts(tmp_path_factory)
+def test_lorakit_train_fusion_saves_and_loads(tiny_experts, tmp_path):
+    """The mechanics of the test below on the tiny experts, in the fast suite: a fusion run over
+    them writes its files, and what it saved loads back to the same eval loss."""
+    out = tmp_path / "fusion"
+    s = train(load_config(*split_args(mixture_args(tiny_experts, out, 2, "mixture.kind=fusion",
+                                                   f"data.eval={tiny_experts / 'mixed_eval.jsonl'}"))))
+    meta = json.loads((out / CONFIG_NAME).read_text())
+    assert meta["kind"] == "fusion" and meta["experts"] == ["sentiment", "parity"]
+    loaded = lk.load_mixture(base_model(tiny_experts), out)
+    assert composers(loaded) and all(isinstance(c, AdapterFusion) for _, c in composers(loaded))
+    assert eval_loss(loaded, tiny_experts) == pytest.approx(s.eval_after.loss, abs=1e-5)
 
 
+@pytest.mark.slow   # learning: the experts are trained on the built-in model first
 def test_lorakit_train_fusion_learns_saves_and_loads(experts, tmp_path):
-    """AdapterFusion over the two task experts (test_mixture.py), trained with the loop on the mixed
+    """AdapterFusion over the two task experts (mixture_support.py), trained with the loop on the mixed
     tasks: the loss falls, the saved run loads back to the same eval loss, and the fusion beats each
     expert alone on the mixed held-out set."""
     out = tmp_path / "fusion"
-    s = train(load_config(*_split(mixture_args(experts, out, 12, "mixture.kind=fusion", "training.lr=1e-2",
+    s = train(load_config(*split_args(mixture_args(experts, out, 12, "mixture.kind=fusion", "training.lr=1e-2",
                                                f"data.eval={experts / 'mixed_eval.jsonl'}"))))
     assert sum(s.losses[-3:]) < sum(s.losses[:3]) and s.eval_after.loss < s.eval_before.loss, s.losses
     meta = json.loads((out / CONFIG_NAME).read_text())

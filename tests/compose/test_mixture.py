@@ -11,85 +11,42 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import peft
 import pytest
 import torch
+from mixture_support import (
+    NAMES,
+    TASKS,
+    Tiny,
+    X,
+    base_model,
+    eval_loss,
+    expert_terms,
+    mixed_eval,
+    mixture_args,
+    randomise,
+    single_expert_losses,
+    split_args,
+    task_experts,
+    tiny_with_experts,
+)
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit as lk
 from lorakit import cli
-from lorakit.builtin import BUILTIN_MODEL, builtin_data_files
-from lorakit.builtin.tasks import task_of
-from lorakit.compose.mixture import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    MixtureOfExperts,
-    composers,
-    load_mixture_weights,
-)
+from lorakit.compose.mixture import MixtureOfExperts, composers
+from lorakit.compose.mixture_files import CONFIG_NAME, WEIGHTS_NAME, load_mixture_weights
 from lorakit.inject import lora_layers
-from lorakit.train.config import DataSection, load_config
-from lorakit.train.data import build_datasets, collate
+from lorakit.train.config import load_config
 from lorakit.train.evaluate import evaluate
 from lorakit.train.loop import train
-from lorakit.train.loss import loss_sum
-from lorakit.train.model_io import load_model, load_tokenizer
 
 ATOL = 1e-6
 
 
-
-
-class Tiny(nn.Module):
-    """One adapted linear layer, d_in 6 -> d_out 5 (and a second, `proj2`, for per-layer averaging)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(6, 5)
-        self.proj2 = nn.Linear(5, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj2(self.proj(x))
-
-
-def randomise(model: nn.Module, name: str, seed: int, scale: float = 0.3) -> None:
-    """Random factors (and lora_bias) so that every expert changes the output (B starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            if name in layer.r:
-                for p in layer.adapter_parameters(name).values():
-                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def tiny_with_experts(configs: dict[str, lk.LoraConfig] | None = None) -> Tiny:
-    model = Tiny()
-    configs = configs or {
-        "a": lk.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]),
-        "b": lk.LoraConfig(r=3, lora_alpha=2, target_modules=["proj"], lora_bias=True),
-        "c": lk.LoraConfig(r=1, lora_alpha=1, use_rslora=True, target_modules=["proj"], lora_dropout=0.1),
-    }
-    for seed, (name, cfg) in enumerate(configs.items()):
-        lk.add_adapter(model, cfg, name=name)
-        randomise(model, name, seed)
-    return model.eval()
-
-
-def expert_terms(model: Tiny, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """(..., E, d_out): s_e B_e A_e x + s_e b_e for each expert of `model.proj`, one by one."""
-    layer = model.proj
-    terms = []
-    for e in names:
-        t = layer.scaling[e] * (x @ layer.lora_A[e].weight.t() @ layer.lora_B[e].weight.t())
-        if layer.lora_bias[e]:
-            t = t + layer.scaling[e] * layer.lora_B[e].bias
-        terms.append(t)
-    return torch.stack(terms, dim=-2)
 
 
 def set_router(model: nn.Module, seed: int = 5, scale: float = 1.0) -> None:
@@ -97,10 +54,6 @@ def set_router(model: nn.Module, seed: int = 5, scale: float = 1.0) -> None:
     with torch.no_grad():
         for _, c in composers(model):
             c.router.weight.copy_(torch.randn(c.router.weight.shape, generator=gen) * scale)
-
-
-X = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(3))
-NAMES = ["a", "b", "c"]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
@@ -530,83 +483,22 @@ def test_load_weights_needs_the_same_mixture(tmp_path):
 # mixed. On a held-out set of both tasks each expert is good at its own half only; the mixture must
 # beat both, and beat its own uniform start (so the gate learnt something).
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-TASKS = ("sentiment", "parity")
-
-
-def write_task_data(root: Path, n_eval: int) -> None:
-    """<task>_train.jsonl per task, mixed_train.jsonl (both tasks) and mixed_eval.jsonl (n_eval
-    held-out prompts per task) from the built-in dataset."""
-    files = builtin_data_files()
-    rows = {split: [json.loads(line) for line in open(files[split])] for split in ("train", "eval")}
-
-    def task(row):
-        return task_of(row["messages"][0]["content"])
-
-    def write(name, items):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in items))
-
+def test_lorakit_train_gate_only_mixture_keeps_its_experts(tiny_experts, tmp_path):
+    """The mechanics of the test below on the tiny experts, in the fast suite: `lorakit train` of a
+    gate-only mixture writes the run and the experts it started from, unchanged."""
+    out = tmp_path / "mix"
+    assert cli.main(["train", *mixture_args(tiny_experts, out, 2)]) == 0
     for t in TASKS:
-        write(f"{t}_train.jsonl", [r for r in rows["train"] if task(r) == t])
-    write("mixed_train.jsonl", [r for r in rows["train"] if task(r) in TASKS])
-    write("mixed_eval.jsonl", [r for t in TASKS for r in [r for r in rows["eval"] if task(r) == t][:n_eval]])
+        start, written = (load_file(d / t / "adapter_model.safetensors") for d in (tiny_experts, out))
+        assert written.keys() == start.keys() and all(torch.equal(v, start[k]) for k, v in written.items()), t
+    meta = json.loads((out / CONFIG_NAME).read_text())
+    assert meta["kind"] == "moe" and meta["experts"] == ["sentiment", "parity"]
+    assert (out / "tokenizer_config.json").is_file() and (out / "metrics.csv").is_file()
+    assert not (out / "adapter_config.json").exists()
+    assert composers(lk.load_mixture(base_model(tiny_experts), out))
 
 
-def task_experts(root: Path, steps: int, n_eval: int) -> Path:
-    """Train the two experts into root/<task> once per session (the fusion tests reuse them)."""
-    if (root / "done").is_file():
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    write_task_data(root, n_eval)
-    for t in TASKS:
-        train(load_config(str(EXAMPLES / "quickstart.yaml"), [
-            f"data.train={root / f'{t}_train.jsonl'}", f"training.max_steps={steps}", "training.warmup_steps=5",
-            "training.eval_every=0", "lora.r=8", "lora.lora_alpha=16", "output.tensorboard=false",
-            f"output.dir={root / t}"]))
-    (root / "done").touch()
-    return root
-
-
-def shared_experts(tmp_path_factory) -> Path:
-    """The fast tests' experts, trained once per session by whichever test file asks first."""
-    return task_experts(tmp_path_factory.getbasetemp() / "task-experts", steps=30, n_eval=20)
-
-
-@pytest.fixture(scope="session")
-def experts(tmp_path_factory) -> Path:
-    return shared_experts(tmp_path_factory)
-
-
-def base_model() -> nn.Module:
-    return load_model(BUILTIN_MODEL, "fp32", "cpu")
-
-
-def mixed_eval(root: Path):
-    tokenizer = load_tokenizer(BUILTIN_MODEL)
-    examples, _, _ = build_datasets(DataSection(train=str(root / "mixed_eval.jsonl"), max_seq_len=128), tokenizer, 0)
-    return tokenizer, examples
-
-
-def eval_loss(model: nn.Module, root: Path) -> float:
-    """Mean cross-entropy per trained token on the mixed held-out set."""
-    tokenizer, examples = mixed_eval(root)
-    model.eval()
-    with torch.no_grad():
-        total, count = loss_sum(model, collate(examples, tokenizer.pad_token_id))
-    return total.item() / count.item()
-
-
-def single_expert_losses(root: Path) -> dict[str, float]:
-    return {t: eval_loss(lk.load_adapter(base_model(), root / t), root) for t in TASKS}
-
-
-def mixture_args(root: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return [str(EXAMPLES / "mixture.yaml"), f"mixture.experts.sentiment={root / 'sentiment'}",
-            f"mixture.experts.parity={root / 'parity'}", f"data.train={root / 'mixed_train.jsonl'}",
-            f"training.max_steps={steps}", "training.warmup_steps=2", "output.tensorboard=false", f"output.dir={out}",
-            *extra]
-
-
+@pytest.mark.slow   # learning: the experts are trained on the built-in model first
 def test_lorakit_train_gate_only_mixture_beats_each_expert_on_the_mixed_tasks(experts, tmp_path):
     out = tmp_path / "mix"
     assert cli.main(["train", *mixture_args(experts, out, 20)]) == 0
@@ -645,38 +537,34 @@ def test_trained_mixture_answers_both_tasks(tmp_path):
         (mixed.exact_match, {t: r.exact_match for t, r in single.items()})
 
 
-def test_joint_training_resumes_exactly_with_the_aux_losses(experts, tmp_path):
+def test_joint_training_resumes_exactly_with_the_aux_losses(tiny_experts, tmp_path):
     """train_experts=true with both aux losses: a run resumed from its step-2 checkpoint ends with the
     same gates, experts and logged losses as the uninterrupted run."""
     extra = ["mixture.train_experts=true", "mixture.z_loss=0.001", "training.micro_batch_size=4",
              "training.save_every=2", "training.lr=1e-3"]
     a, b = tmp_path / "a", tmp_path / "b"
-    whole = train(load_config(*_split(mixture_args(experts, a, 4, *extra))))
+    whole = train(load_config(*split_args(mixture_args(tiny_experts, a, 4, *extra))))
     assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     step2 = a / "checkpoints" / "step-00000002"
     assert (step2 / CONFIG_NAME).is_file() and (step2 / "parity" / "adapter_model.safetensors").is_file()
     shutil.copytree(step2, b / "checkpoints" / "step-00000002")
-    resumed = train(load_config(*_split(mixture_args(experts, b, 4, *extra, "training.resume=auto"))))
+    resumed = train(load_config(*split_args(mixture_args(tiny_experts, b, 4, *extra, "training.resume=auto"))))
     assert resumed.losses == whole.losses[2:]
     for rel in (WEIGHTS_NAME, "sentiment/adapter_model.safetensors", "parity/adapter_model.safetensors"):
         x, y = load_file(a / rel), load_file(b / rel)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), rel
     # the experts trained: they moved away from where they started
-    start = load_file(experts / "parity" / "adapter_model.safetensors")
+    start = load_file(tiny_experts / "parity" / "adapter_model.safetensors")
     assert any(not torch.equal(v, start[k]) for k, v in load_file(a / "parity" / "adapter_model.safetensors").items())
 
 
-def _split(args: list[str]) -> tuple[str, list[str]]:
-    return args[0], args[1:]
-
-
-def test_training_config_errors(experts, tmp_path):
+def test_training_config_errors(tiny_experts, tmp_path):
     with pytest.raises(lk.ConfigError, match="output.merged_model cannot be used with mixture.experts"):
-        load_config(*_split(mixture_args(experts, tmp_path, 1, "output.merged_model=true")))
+        load_config(*split_args(mixture_args(tiny_experts, tmp_path, 1, "output.merged_model=true")))
     with pytest.raises(lk.ConfigError, match=re.escape("mixture.moe.top_k=3 is more than the 2 experts")):
-        load_config(*_split(mixture_args(experts, tmp_path, 1, "mixture.moe.top_k=3")))
+        load_config(*split_args(mixture_args(tiny_experts, tmp_path, 1, "mixture.moe.top_k=3")))
     with pytest.raises(FileNotFoundError, match="adapter directory .*nowhere does not exist"):
-        train(load_config(*_split(mixture_args(experts, tmp_path, 1, f"mixture.experts.parity={tmp_path / 'nowhere'}"))))
+        train(load_config(*split_args(mixture_args(tiny_experts, tmp_path, 1, f"mixture.experts.parity={tmp_path / 'nowhere'}"))))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -11,42 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from per_sample_support import ATOL, BASE, llama_with_adapters, random_ids, randomise, run_alone
 from tiny_models import tiny_gpt2, tiny_llama
 
 import lorakit as lk
 from lorakit.compose.per_sample import _RowComposer, per_sample_adapters
 from lorakit.inject import lora_layers
 
-ATOL = 1e-5
-BASE = "__base__"
 NAMES = ["a", BASE, "b", "c", "a", "b"]
 GEN = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0)   # no early EOS: rows keep one length
-
-
-def _randomise(model: torch.nn.Module, name: str, seed: int) -> None:
-    """Random A, B (and lora_bias) so every adapter changes the output (B starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            if name in layer.r:
-                for p in layer.adapter_parameters(name).values():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-
-
-def _llama_with_adapters() -> torch.nn.Module:
-    """a: r=4 all-linear; b: r=8 with rank/alpha patterns; c: rsLoRA on q/v and the embeddings
-    (so c is missing from most layers and the embedding composer runs)."""
-    model = tiny_llama()
-    configs = {
-        "a": lk.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-        "b": lk.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", rank_pattern={"q_proj": 2, "down_proj": 6},
-                           alpha_pattern={"v_proj": 3}),
-        "c": lk.LoraConfig(r=3, lora_alpha=5, use_rslora=True, target_modules=["q_proj", "v_proj", "embed_tokens"]),
-    }
-    for seed, (name, cfg) in enumerate(configs.items()):
-        lk.add_adapter(model, cfg, name=name)
-        _randomise(model, name, seed)
-    return model
 
 
 def _gpt2_with_adapters() -> torch.nn.Module:
@@ -56,21 +29,8 @@ def _gpt2_with_adapters() -> torch.nn.Module:
     lk.add_adapter(model, lk.LoraConfig(r=6, lora_alpha=3, target_modules=["c_attn", "c_fc"], lora_bias=True), name="b")
     lk.add_adapter(model, lk.LoraConfig(r=2, lora_alpha=2, target_modules=["c_proj"]), name="c")
     for seed, name in enumerate("abc"):
-        _randomise(model, name, seed)
+        randomise(model, name, seed)
     return model
-
-
-def _alone(model: torch.nn.Module, name: str, fn):
-    """fn() with only `name` active, or on the exact base for "__base__"."""
-    if name == BASE:
-        with lk.disable_adapters(model):
-            return fn()
-    lk.set_active_adapters(model, [name])
-    return fn()
-
-
-def _ids(rows: int, width: int = 7, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, 100, (rows, width), generator=torch.Generator().manual_seed(seed))
 
 
 def _peft_model(build, tmp_path):
@@ -80,7 +40,7 @@ def _peft_model(build, tmp_path):
     model = build()
     for name in lk.list_adapters(model):
         lk.save_adapter(model, tmp_path / name, name=name)
-    base = tiny_llama() if build is _llama_with_adapters else tiny_gpt2()
+    base = tiny_llama() if build is llama_with_adapters else tiny_gpt2()
     pm = peft.PeftModel.from_pretrained(base, tmp_path / "a", adapter_name="a")
     for name in ("b", "c"):
         pm.load_adapter(tmp_path / name, adapter_name=name)
@@ -99,43 +59,43 @@ def layout(request, monkeypatch):
 # ---- forward ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build", [_llama_with_adapters, _gpt2_with_adapters], ids=["llama", "gpt2-conv1d"])
+@pytest.mark.parametrize("build", [llama_with_adapters, _gpt2_with_adapters], ids=["llama", "gpt2-conv1d"])
 def test_each_row_equals_that_row_alone_with_its_adapter(build, layout):
     model = build()
-    ids = _ids(len(NAMES))
+    ids = random_ids(len(NAMES))
     with torch.no_grad():
         with per_sample_adapters(model, NAMES):
             mixed = model(ids).logits                                     # (6, 7, vocab)
         with lk.disable_adapters(model):
             base = model(ids).logits
         for i, name in enumerate(NAMES):
-            alone = _alone(model, name, lambda i=i: model(ids[i:i + 1]).logits[0])
+            alone = run_alone(model, name, lambda i=i: model(ids[i:i + 1]).logits[0])
             torch.testing.assert_close(mixed[i], alone, atol=ATOL, rtol=0)
             if name != BASE:   # the adapter really acts on this row
                 assert (mixed[i] - base[i]).abs().max() > 1e-2
 
 
 def test_embedding_rows_use_their_own_adapter_table(layout):
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     lk.add_adapter(model, lk.LoraConfig(r=5, lora_alpha=7, target_modules=["embed_tokens"]), name="e")
-    _randomise(model, "e", 9)
+    randomise(model, "e", 9)
     emb = model.model.embed_tokens                     # held by c and e (ranks 3 and 5)
     names = ["e", BASE, "c", "a", "e", "c", "e"]       # a is not in this layer: base rows there
-    ids = _ids(len(names))
+    ids = random_ids(len(names))
     with torch.no_grad(), per_sample_adapters(model, names):
         mixed = emb(ids)                                                  # (7, 7, 32)
     with torch.no_grad():
         for i, name in enumerate(names):
-            alone = _alone(model, name, lambda i=i: emb(ids[i:i + 1])[0])
+            alone = run_alone(model, name, lambda i=i: emb(ids[i:i + 1])[0])
             torch.testing.assert_close(mixed[i], alone, atol=ATOL, rtol=0)
         for i in (0, 2):                                                  # rows e and c changed
             assert not torch.allclose(mixed[i], emb.base_layer(ids[i]), atol=1e-2)
 
 
-@pytest.mark.parametrize("build", [_llama_with_adapters, _gpt2_with_adapters], ids=["llama", "gpt2-conv1d"])
+@pytest.mark.parametrize("build", [llama_with_adapters, _gpt2_with_adapters], ids=["llama", "gpt2-conv1d"])
 def test_forward_matches_peft_adapter_names(build, tmp_path):
     model, pm = _peft_model(build, tmp_path)
-    ids = _ids(len(NAMES))
+    ids = random_ids(len(NAMES))
     with torch.no_grad():
         with per_sample_adapters(model, NAMES):
             ours = model(ids).logits
@@ -145,7 +105,7 @@ def test_forward_matches_peft_adapter_names(build, tmp_path):
 
 def test_flattened_token_batches_keep_each_rows_adapter(layout):
     """A layer fed (rows * tokens, d_in), as MoE routers are, still maps tokens to their row."""
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     q = model.model.layers[0].self_attn.q_proj
     x = torch.randn(len(NAMES), 5, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad(), per_sample_adapters(model, NAMES):
@@ -157,7 +117,7 @@ def test_flattened_token_batches_keep_each_rows_adapter(layout):
 def test_layout_is_the_one_that_copies_fewer_rows():
     """q_proj of layer 0 holds a (r=4, 2 rows), b (r=2 there, 2 rows) and c (r=3, 1 row): grouped
     by adapter that is 3 groups of 2 rows (c padded) against 6 rows x R=4 factor rows per token."""
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     with per_sample_adapters(model, NAMES):
         composer = model.model.layers[0].self_attn.q_proj.composer
         assert composer.rows.tolist() == [[0, 4], [2, 5], [3, 3]] and composer.keep.tolist() == [True] * 5 + [False]
@@ -165,8 +125,8 @@ def test_layout_is_the_one_that_copies_fewer_rows():
 
 
 def test_stacks_are_a_snapshot_taken_on_entry():
-    model = _llama_with_adapters()
-    ids = _ids(2)
+    model = llama_with_adapters()
+    ids = random_ids(2)
     with torch.no_grad(), per_sample_adapters(model, ["a", "b"]):
         before = model(ids).logits
         for _, layer in lora_layers(model):
@@ -178,17 +138,17 @@ def test_stacks_are_a_snapshot_taken_on_entry():
 
 def test_active_modules_to_save_copy_is_not_used_inside():
     """Another adapter's lm_head copy is active; inside the block every row sees the original."""
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), name="m")
     with torch.no_grad():
         model.lm_head.modules_to_save["m"].weight.mul_(3.0)
     lk.set_active_adapters(model, ["m"])
-    names, ids = ["a", BASE], _ids(2)
+    names, ids = ["a", BASE], random_ids(2)
     with torch.no_grad():
         with per_sample_adapters(model, names):
             mixed = model(ids).logits
         for i, name in enumerate(names):
-            alone = _alone(model, name, lambda i=i: model(ids[i:i + 1]).logits[0])
+            alone = run_alone(model, name, lambda i=i: model(ids[i:i + 1]).logits[0])
             torch.testing.assert_close(mixed[i], alone, atol=ATOL, rtol=0)
     assert model.lm_head.disabled is False
 
@@ -198,15 +158,15 @@ def test_active_modules_to_save_copy_is_not_used_inside():
 
 @pytest.mark.parametrize("beams, returns", [(1, 1), (2, 1), (3, 2)])
 def test_generate_rows_equal_single_adapter_generate(beams, returns, layout):
-    model = _llama_with_adapters()
-    names, ids = ["a", BASE, "b", "c"], _ids(4, width=6, seed=2)
+    model = llama_with_adapters()
+    names, ids = ["a", BASE, "b", "c"], random_ids(4, width=6, seed=2)
     kw = dict(GEN, do_sample=False, num_beams=beams, num_return_sequences=returns)
     with torch.no_grad():
         with per_sample_adapters(model, names):
             mixed = model.generate(ids, **kw)                             # (4 * returns, 6 + 4)
         assert mixed.shape == (4 * returns, 10)
         for i, name in enumerate(names):
-            alone = _alone(model, name, lambda i=i: model.generate(ids[i:i + 1], **kw))
+            alone = run_alone(model, name, lambda i=i: model.generate(ids[i:i + 1], **kw))
             assert torch.equal(mixed[i * returns:(i + 1) * returns], alone), name
         outputs = {tuple(mixed[i * returns].tolist()) for i in range(4)}
     assert len(outputs) == 4   # the adapters lead to different continuations
@@ -216,8 +176,8 @@ def test_sampling_logits_at_every_step_equal_each_rows_own_adapter():
     """Sampling with 2 return sequences per row: the logits generate saw at every step equal the
     teacher-forced logits of that sequence under its own adapter, so the right adapter ran on
     every expanded row at every step, whatever was sampled."""
-    model = _llama_with_adapters()
-    names, ids = ["b", "a", BASE], _ids(3, width=5, seed=4)
+    model = llama_with_adapters()
+    names, ids = ["b", "a", BASE], random_ids(3, width=5, seed=4)
     torch.manual_seed(0)
     with torch.no_grad():
         with per_sample_adapters(model, names):
@@ -226,15 +186,15 @@ def test_sampling_logits_at_every_step_equal_each_rows_own_adapter():
         seqs = out.sequences                                              # (6, 5 + 4)
         seen = torch.stack(out.logits, dim=1)                             # (6, 4, vocab)
         for j in range(seqs.shape[0]):
-            forced = _alone(model, names[j // 2], lambda j=j: model(seqs[j:j + 1, :-1]).logits[0, 4:])
+            forced = run_alone(model, names[j // 2], lambda j=j: model(seqs[j:j + 1, :-1]).logits[0, 4:])
             torch.testing.assert_close(seen[j], forced, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("sample, beams", [(True, 1), (False, 2)], ids=["sampling", "beam2"])
 def test_generate_matches_peft_adapter_names(sample, beams, tmp_path):
     """Same seed, same logits: sampling draws the same tokens in both tools."""
-    model, pm = _peft_model(_llama_with_adapters, tmp_path)
-    names, ids = ["c", "a", BASE, "b"], _ids(4, width=6, seed=5)
+    model, pm = _peft_model(llama_with_adapters, tmp_path)
+    names, ids = ["c", "a", BASE, "b"], random_ids(4, width=6, seed=5)
     kw = dict(GEN, do_sample=sample, num_beams=beams)
     with torch.no_grad():
         torch.manual_seed(7)
@@ -249,7 +209,7 @@ def test_generate_matches_peft_adapter_names(sample, beams, tmp_path):
 
 
 def test_previous_composer_comes_back_also_after_an_exception():
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     layers = [layer for _, layer in lora_layers(model)]
 
     def outer(layer, x, base_out):
@@ -276,7 +236,7 @@ def _enter(model, names):
 
 
 def test_bad_names_are_refused_with_the_loaded_adapters_listed():
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     assert _message(lambda: _enter(model, ["a", "nope"])) == \
         "no adapter named 'nope'; adapters on this model: ['a', 'b', 'c']"
     assert _message(lambda: _enter(model, "a")) == \
@@ -287,9 +247,9 @@ def test_bad_names_are_refused_with_the_loaded_adapters_listed():
 
 
 def test_batch_size_must_be_a_multiple_of_the_names():
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     with per_sample_adapters(model, ["a", "b", BASE]), torch.no_grad():
-        msg = _message(lambda: model(_ids(4)))
+        msg = _message(lambda: model(random_ids(4)))
     assert msg == (
         "per_sample_adapters was given 3 adapter names but model.embed_tokens got a batch of 4 rows; give one "
         "name per batch row (generate's num_beams / num_return_sequences may repeat each row k times, so a "
@@ -298,9 +258,9 @@ def test_batch_size_must_be_a_multiple_of_the_names():
 
 
 def test_training_mode_is_refused():
-    model = _llama_with_adapters().train()
+    model = llama_with_adapters().train()
     with per_sample_adapters(model, ["a", "b"]):
-        msg = _message(lambda: model(_ids(2)))
+        msg = _message(lambda: model(random_ids(2)))
     assert msg == (
         "per_sample_adapters is for inference, but model.embed_tokens is in training mode (its dropout would be "
         "skipped and no gradient reaches the adapters); call model.eval() first"
@@ -308,7 +268,7 @@ def test_training_mode_is_refused():
 
 
 def test_merged_dora_and_modules_to_save_adapters_are_refused():
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     lk.set_active_adapters(model, ["a"])
     lk.merge_adapters(model)
     assert _message(lambda: _enter(model, ["b"])) == (

@@ -18,7 +18,7 @@ import lorakit as lk
 from lorakit.builtin import builtin_data_files, builtin_model_dir
 from lorakit.builtin.tasks import task_of
 from lorakit.compose.router import Router, fit_threshold
-from lorakit.train.model_io import load_model, load_tokenizer
+from lorakit.model_io import load_model, load_tokenizer
 
 TASKS = ["sentiment", "compare", "parity", "count"]
 # Prompts unlike any built-in task. Measured on the built-in model with 16 examples per task: their

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_per_sample import ATOL, BASE, _alone, _ids, _llama_with_adapters, _randomise
+from per_sample_support import ATOL, BASE, llama_with_adapters, random_ids, randomise, run_alone
 
 import lorakit as lk
 from lorakit.compose.per_sample import StackedAdapters, _RowComposer, per_sample_adapters
@@ -25,36 +25,36 @@ def layout(request, monkeypatch):
                                    ["a", "a", "c", "c"]],
                          ids=["all", "subset-out-of-order", "one", "base-only", "rows-in-adapter-order"])
 def test_each_row_equals_that_row_alone(names, layout):
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     stacks = StackedAdapters(model, ["a", "b", "c"])
-    ids = _ids(len(names))
+    ids = random_ids(len(names))
     with torch.no_grad():
         with stacks.rows(names):
             mixed = model(ids).logits                                     # (n, 7, vocab)
         with per_sample_adapters(model, names):
             reference = model(ids).logits
         for i, name in enumerate(names):
-            alone = _alone(model, name, lambda i=i: model(ids[i:i + 1]).logits[0])
+            alone = run_alone(model, name, lambda i=i: model(ids[i:i + 1]).logits[0])
             torch.testing.assert_close(mixed[i], alone, atol=ATOL, rtol=0)
     torch.testing.assert_close(mixed, reference, atol=ATOL, rtol=0)
 
 
 def test_generate_with_the_stacks_reused_across_batches():
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     stacks = StackedAdapters(model, ["a", "b", "c"])
     for names in (["a", "b"], ["c", BASE, "a"]):
-        ids = _ids(len(names), seed=len(names))
+        ids = random_ids(len(names), seed=len(names))
         with torch.no_grad():
             with stacks.rows(names):
                 mixed = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
             for i, name in enumerate(names):
-                alone = _alone(model, name, lambda i=i, ids=ids: model.generate(
+                alone = run_alone(model, name, lambda i=i, ids=ids: model.generate(
                     ids[i:i + 1], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0))
                 assert torch.equal(mixed[i], alone[0])
 
 
 def test_layers_holding_the_same_adapters_share_one_plan():
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     stacks = StackedAdapters(model, ["a", "b", "c"])
     with stacks.rows(["b", "a", "b"]):
         composers = [layer.composer for _, layer in lora_layers(model)]
@@ -76,12 +76,12 @@ def test_layers_holding_the_same_adapters_share_one_plan():
 
 
 def test_the_stacks_are_a_snapshot_until_rebuilt():
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     stacks = StackedAdapters(model, ["a", "b"])
-    ids = _ids(2)
+    ids = random_ids(2)
     with torch.no_grad(), stacks.rows(["a", "b"]):
         before = model(ids).logits
-    _randomise(model, "a", seed=42)
+    randomise(model, "a", seed=42)
     with torch.no_grad():
         with stacks.rows(["a", "b"]):
             stale = model(ids).logits
@@ -93,7 +93,7 @@ def test_the_stacks_are_a_snapshot_until_rebuilt():
 
 
 def test_unknown_duplicate_and_unservable_adapters_are_refused():
-    model = _llama_with_adapters()
+    model = llama_with_adapters()
     stacks = StackedAdapters(model, ["a", "b"])
     with pytest.raises(AdapterStateError, match=r"adapters \['c'\] are not stacked; stacked adapters: \['a', 'b'\]"):
         with stacks.rows(["a", "c"]):
@@ -108,8 +108,8 @@ def test_unknown_duplicate_and_unservable_adapters_are_refused():
 
 
 def test_no_stacked_adapters_leaves_every_row_on_the_base():
-    model = _llama_with_adapters()
-    ids = _ids(2)
+    model = llama_with_adapters()
+    ids = random_ids(2)
     with torch.no_grad():
         with StackedAdapters(model, []).rows([BASE, BASE]):
             out = model(ids).logits

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lorakit.kernels.dropout import dropout_apply, dropout_pack
-from lorakit.ops.lora_linear import _LoraLinear, _pack_bits, _unpack_bits
+from lorakit.ops import pack_bits, unpack_bits
+from lorakit.ops.lora_linear import _LoraLinear
 
 
 @pytest.mark.parametrize("shape", [(37, 29), (8, 16), (1, 3)], ids=["odd", "whole_bytes", "one_byte"])
@@ -18,9 +19,9 @@ from lorakit.ops.lora_linear import _LoraLinear, _pack_bits, _unpack_bits
 def test_pack_applies_the_mask_its_bits_hold(shape, dtype):
     x = torch.randn(shape).to(dtype)
     xd, bits = dropout_pack(x, 0.3, 12345)
-    keep = _unpack_bits(bits, torch.Size(shape)).bool()
+    keep = unpack_bits(bits, torch.Size(shape)).bool()
     assert bits.dtype == torch.uint8 and bits.numel() == -(-x.numel() // 8)
-    assert torch.equal(bits, _pack_bits(keep))                     # the PyTorch path's layout
+    assert torch.equal(bits, pack_bits(keep))                     # the PyTorch path's layout
     assert xd.dtype == dtype and torch.equal(xd, x * keep)         # exact: a product by 0 or 1
     t = torch.randn(shape).to(dtype)
     assert torch.equal(dropout_apply(t, bits), t * keep)
@@ -40,7 +41,7 @@ def test_the_mask_is_a_function_of_the_seed_with_keep_rate_one_minus_p(p):
     _, b = dropout_pack(x, p, 5)
     _, c = dropout_pack(x, p, 6)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    kept = _unpack_bits(a, x.shape).float().mean().item()
+    kept = unpack_bits(a, x.shape).float().mean().item()
     assert abs(kept - (1 - p)) < 5 * ((p * (1 - p) / x.numel()) ** 0.5)    # within 5 standard errors
 
 
@@ -65,7 +66,7 @@ def test_adapter_op_with_the_kernels_equals_the_plain_composition(dtype):
     p, s, seed = 0.25, 1.5, 99
     y = _LoraLinear.apply(out0 * 1, x, A, B, b, s, p, seed, None, None, True)
     _, bits = dropout_pack(x.detach().reshape(-1, 13), p, seed)
-    mask = _unpack_bits(bits, torch.Size((30, 13))).view(6, 5, 13).to(dtype) / (1 - p)
+    mask = unpack_bits(bits, torch.Size((30, 13))).view(6, 5, 13).to(dtype) / (1 - p)
     ref = out0 + s * ((x * mask) @ A.t() @ B.t() + b)
     # bf16: the two round the 1/(1-p) in at different places; 2% of each tensor's scale
     def tol(want):
@@ -83,8 +84,8 @@ def test_adapter_op_with_the_kernels_equals_the_plain_composition(dtype):
 def test_on_cuda():
     x = torch.randn(1000, 4096, device="cuda", dtype=torch.bfloat16)
     xd, bits = dropout_pack(x, 0.1, 3)
-    keep = _unpack_bits(bits, x.shape).bool()
-    assert torch.equal(bits, _pack_bits(keep)) and torch.equal(xd, x * keep)
+    keep = unpack_bits(bits, x.shape).bool()
+    assert torch.equal(bits, pack_bits(keep)) and torch.equal(xd, x * keep)
     assert abs(keep.float().mean().item() - 0.9) < 0.002
     t = torch.randn_like(x)
     assert torch.equal(dropout_apply(t, bits), t * keep)

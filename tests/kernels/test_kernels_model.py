@@ -1,4 +1,4 @@
-"""`lorakit.kernels.model.use_kernels`: which modules of a transformers model it routes through the
+"""`lorakit.train.kernels.use_kernels`: which modules of a transformers model it routes through the
 Triton kernels (run here in Triton's interpreter, tests/conftest.py), that the adapted model's loss
 and gradients are unchanged, that the adapters' inputs are still rebuilt rather than kept, and that
 `remove` puts the PyTorch code back."""
@@ -9,11 +9,11 @@ import re
 
 import pytest
 import torch
-from tiny_models import tiny_gpt2, tiny_llama
+from tiny_models import tiny_gpt2, tiny_llama, tiny_model
 from transformers.models.llama import modeling_llama
 
 import lorakit as lk
-from lorakit.kernels import model as km
+from lorakit.train import kernels as km
 
 
 def adapted_llama(dropout=0.0):
@@ -186,7 +186,7 @@ def test_other_models_keep_pytorch(patched, ids, monkeypatch):
 
 
 def test_kernels_wanted(monkeypatch):
-    monkeypatch.setattr(km.selfcheck, "self_check", lambda device: None)   # no CUDA device to check here
+    monkeypatch.setattr(km.kernel_check, "self_check", lambda device: None)   # no CUDA device to check here
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert km.kernels_wanted("torch", cuda, compiling=False) is False
     assert km.kernels_wanted("auto", cpu, compiling=False) is False
@@ -196,7 +196,7 @@ def test_kernels_wanted(monkeypatch):
 
 
 def test_kernels_that_fail_their_check_are_not_used(monkeypatch):
-    monkeypatch.setattr(km.selfcheck, "self_check", lambda device: "swiglu (torch.float32) differs")
+    monkeypatch.setattr(km.kernel_check, "self_check", lambda device: "swiglu (torch.float32) differs")
     with pytest.warns(UserWarning, match=re.escape(
             "training.kernels: auto: the Triton kernels failed their check against PyTorch on cuda "
             "(swiglu (torch.float32) differs); this run uses the PyTorch path")):
@@ -249,11 +249,8 @@ def test_modules_to_save_after_the_kernels_trains_the_copy(patched, ids):
 
 
 def test_rope_is_routed_for_a_family_patched_after_llama(patched):
-    from transformers import MistralConfig, MistralForCausalLM
-
     patched.append(km.use_kernels(tiny_llama()))
-    mistral = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    mistral = tiny_model("mistral", seed=None, pad_token_id=None, training=True)
     patch = km.use_kernels(mistral)
     patched.append(patch)
     assert len(patch.attentions) == 2 and len(patch.norms) == 5 and len(patch.mlps) == 2

@@ -1,4 +1,4 @@
-"""`lorakit.kernels.selfcheck`: the check each run makes of the kernels on its device passes for
+"""`lorakit.train.kernel_check`: the check each run makes of the kernels on its device passes for
 the real kernels (here in Triton's interpreter) and names the kernel that is wrong or fails."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.kernels import selfcheck
 from lorakit.kernels import swiglu as swiglu_module
+from lorakit.train import kernel_check as selfcheck
 
 CPU = torch.device("cpu")
 

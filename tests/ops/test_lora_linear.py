@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lorakit as lk
-from lorakit.ops.lora_linear import _keep, _LoraLinear, _pack_bits, _unpack_bits, lora_linear_
+from lorakit.ops import lora_linear_
+from lorakit.ops.lora_linear import _keep, _LoraLinear
 
 D_IN, D_OUT, R = 7, 5, 3
 S = 1.5
@@ -37,7 +38,7 @@ def plain(out0, x, A, B, b, s=S, mask=None):
 def fused(out0, x, A, B, b, s=S, p=0.0, seed=None):
     out = out0 * 1  # a fresh non-leaf output, as a base layer would return
     if seed is None:
-        return lora_linear_(out, x, A, B, b, s, p)
+        return lora_linear_(out, x, A=A, B=B, bias=b, scaling=s, dropout=p)
     return _LoraLinear.apply(out, x, A, B, b, s, p, seed)
 
 
@@ -72,7 +73,7 @@ def test_adds_in_place_into_a_contiguous_out():
     t = tensors((4,))
     with torch.no_grad():
         out = t["out0"].clone()
-        y = lora_linear_(out, t["x"], t["A"], t["B"], t["b"], S, 0.0)
+        y = lora_linear_(out, t["x"], A=t["A"], B=t["B"], bias=t["b"], scaling=S, dropout=0.0)
     assert y is out
     torch.testing.assert_close(out, plain(**t).detach(), atol=1e-6, rtol=0)
 
@@ -81,8 +82,8 @@ def test_hand_case():
     # x = [1, 2], A = [[1, 1]] (r=1), B = [[2], [-1]], b = [1, 0], s = 0.5, out = [10, 20]
     # x A^T = 3; B (3) = [6, -3]; + b = [7, -3]; * 0.5 = [3.5, -1.5]
     out = torch.tensor([[10.0, 20.0]])
-    y = lora_linear_(out, torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0], [-1.0]]),
-                     torch.tensor([1.0, 0.0]), 0.5, 0.0)
+    y = lora_linear_(out, torch.tensor([[1.0, 2.0]]), A=torch.tensor([[1.0, 1.0]]), B=torch.tensor([[2.0], [-1.0]]),
+                     bias=torch.tensor([1.0, 0.0]), scaling=0.5, dropout=0.0)
     assert torch.equal(y, torch.tensor([[13.5, 18.5]]))
 
 
@@ -135,19 +136,11 @@ def test_dropout_keeps_one_minus_p_and_rescales_survivors(p):
     eye = torch.eye(4)
     x = torch.ones(n // 4, 4)
     torch.manual_seed(0)
-    y = lora_linear_(torch.zeros(n // 4, 4), x, eye, eye, None, 1.0, p)
+    y = lora_linear_(torch.zeros(n // 4, 4), x, A=eye, B=eye, bias=None, scaling=1.0, dropout=p)
     kept = y != 0
     assert torch.equal(y[kept], torch.full((int(kept.sum()),), 1 / (1 - p)))
     assert abs(kept.float().mean().item() - (1 - p)) < 0.01      # SE <= 0.002 over 60k draws
     assert abs(y.mean().item() - 1.0) < 0.03                     # inverted dropout is unbiased
-
-
-@pytest.mark.parametrize("shape", [(3, 8), (5, 7), (1, 1)])
-def test_mask_bits_round_trip(shape):
-    keep = torch.rand(shape, generator=torch.Generator().manual_seed(2)) > 0.5
-    bits = _pack_bits(keep)
-    assert bits.dtype == torch.uint8 and bits.numel() == -(-keep.numel() // 8)
-    assert torch.equal(_unpack_bits(bits, torch.Size(shape)).bool(), keep)
 
 
 def test_mask_helper_is_a_function_of_the_seed():
@@ -189,7 +182,7 @@ def test_saves_only_x_and_the_rank_r_activation(p):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = F.linear(x, W)                       # the frozen base
-        y = lora_linear_(out, x, A, B, bias, S, p)
+        y = lora_linear_(out, x, A=A, B=B, bias=bias, scaling=S, dropout=p)
     others = [t for t in saved if t.untyped_storage().data_ptr() not in param_storages]
     shared_x = [t for t in others if t.untyped_storage().data_ptr() == x_storage]
     rest = [tuple(t.shape) for t in others if t.untyped_storage().data_ptr() != x_storage]
@@ -208,7 +201,7 @@ def test_bf16_output_with_fp32_adapter():
     out_bf = t["out0"].detach().bfloat16().requires_grad_()
     x_bf = t["x"].detach().bfloat16().requires_grad_()
     A, B, b = t["A"], t["B"], t["b"]
-    y = lora_linear_(out_bf * 1, x_bf, A, B, b, S, 0.0)
+    y = lora_linear_(out_bf * 1, x_bf, A=A, B=B, bias=b, scaling=S, dropout=0.0)
     assert y.dtype == torch.bfloat16
     # fp32 reference on the same (bf16-rounded) inputs
     ref = plain(out_bf.detach().float(), x_bf.detach().float(), A, B, b)

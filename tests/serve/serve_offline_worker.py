@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from lorakit.generate import generate_text, load_for_inference
+from lorakit.verbs.generate import generate_text, load_for_inference
 
 
 def _count_new_tokens(model) -> None:

@@ -1,6 +1,7 @@
 """Fixtures for the serving tests (imported by conftest.py; the test modules import this module by its
-own name): a tiny model directory with eight adapters, `lorakit serve` running on it in a subprocess, and the offline references (`lorakit generate`'s code path, run in a
-subprocess too).
+own name): a tiny model directory with eight adapters, `lorakit serve` running on it in a
+subprocess, the app under uvicorn in process (`serve`), and the offline references (`lorakit
+generate`'s code path, run in a subprocess too).
 
 The model is a 2-layer, width-32 Llama with the built-in byte tokenizer. Its output head is
 zeroed except on letters, digits, a little punctuation, the space and the end token, so greedy
@@ -15,12 +16,14 @@ process stall each other and make a 16-token request take seconds.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
 import string
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +31,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_model
+from transformers import LlamaForCausalLM
 
 import lorakit as lk
 from lorakit.builtin import build_tokenizer
@@ -48,12 +52,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOK
 def build_model_dir(path: Path) -> LlamaForCausalLM:
     """The tiny model of the module doc, saved with its tokenizer to `path`."""
     tokenizer = build_tokenizer()
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_model(seed=1, tokenizer=tokenizer, positions=256, initializer_range=0.2)
     readable = string.ascii_letters + string.digits + ".,!?;:'-"
     keep = {tokenizer.convert_tokens_to_ids(c) for c in readable} | {tokenizer.convert_tokens_to_ids("Ġ"),
                                                                      tokenizer.eos_token_id}
@@ -90,6 +89,36 @@ def serve_files(tmp_path_factory) -> dict[str, Path]:
     make_adapter(model, "hot", 200, root / "staging" / "hot")
     make_adapter(model, "outside", 201, root / "staging" / "outside")
     return {"root": root, "model": root / "model", "adapters": root / "adapters", "staging": root / "staging"}
+
+
+def served_model(serve_files, adapters=ADAPTERS[:4]) -> LlamaForCausalLM:
+    """The tiny model loaded from its directory with `adapters` (not active), as the server holds it."""
+    model = LlamaForCausalLM.from_pretrained(serve_files["model"]).eval()
+    for name in adapters:
+        lk.load_adapter(model, serve_files["adapters"] / name, name=name, activate=False)
+    return model
+
+
+def slowed(model, seconds: float, fail_on: set[int] = frozenset()):
+    """Sleep `seconds` in every forward; raise on the calls numbered in `fail_on` (0-based)."""
+    forward, calls = model.forward, [0]
+
+    @functools.wraps(forward)
+    def slow_forward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] - 1 in fail_on:
+            raise RuntimeError("simulated device failure")
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    model.forward = slow_forward
+    return model
+
+
+def long_case(refs, adapters=ADAPTERS) -> tuple[str, str]:
+    """An (adapter, prompt) whose offline text runs all MAX_TOKENS tokens."""
+    return next((a, p) for a in adapters for p in PROMPTS if refs[(a, p)]["tokens"] == MAX_TOKENS
+                and not refs[(a, p)]["eos"])
 
 
 def free_port() -> int:
@@ -238,3 +267,55 @@ def refs(serve_files):
     references = References(serve_files)
     yield references
     references.close()
+
+
+class InProcess:
+    """uvicorn serving `app` on 127.0.0.1 in a thread."""
+
+    def __init__(self, app, grace_s: int = 30) -> None:
+        import openai
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=grace_s))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+@pytest.fixture
+def serve(serve_files):
+    """serve(engine, **create_app kwargs) -> a running InProcess; stopped at the end."""
+    from lorakit.serve import create_app
+
+    running = []
+
+    def start(engine, grace_s: int = 30, **kwargs) -> InProcess:
+        server = InProcess(create_app(engine, "tiny", **kwargs), grace_s)
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        server.stop()
+
+
+def wait_idle(url: str, timeout: float = 20) -> dict:
+    """/health once nothing runs or waits (fails after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = http(url + "/health")[1]
+        if body["running"] == 0 and body["waiting"] == 0:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)

@@ -24,7 +24,7 @@ from serve_support import (
 )
 
 from lorakit.builtin import build_tokenizer
-from lorakit.generate import encode_prompt
+from lorakit.model_io import encode_prompt
 
 
 def test_models_lists_the_base_and_every_adapter(client, server):

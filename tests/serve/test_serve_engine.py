@@ -5,19 +5,19 @@ forward) makes the timing of joins and unloads certain."""
 
 from __future__ import annotations
 
-import functools
 import queue
 import threading
 import time
 
 import pytest
-from serve_support import ADAPTERS, MAX_TOKENS, PROMPTS
-from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from serve_support import ADAPTERS, MAX_TOKENS, PROMPTS, long_case, served_model, slowed
+from tiny_models import tiny_model
+from transformers import LlamaForCausalLM
 
 import lorakit as lk
 from lorakit.builtin import build_tokenizer
 from lorakit.errors import LoraError
-from lorakit.generate import encode_prompt
+from lorakit.model_io import encode_prompt
 from lorakit.serve import Engine, SamplingParams, ServeConfig, ServeError
 from lorakit.serve.engine import Delta, Failed, Finished, Started
 
@@ -27,29 +27,6 @@ GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
-
-
-def _model(serve_files, adapters=ADAPTERS[:4]):
-    model = LlamaForCausalLM.from_pretrained(serve_files["model"]).eval()
-    for name in adapters:
-        lk.load_adapter(model, serve_files["adapters"] / name, name=name, activate=False)
-    return model
-
-
-def _slow(model, seconds: float, fail_on: set[int] = frozenset()):
-    """Sleep `seconds` in every forward; raise on the calls numbered in `fail_on` (0-based)."""
-    forward, calls = model.forward, [0]
-
-    @functools.wraps(forward)
-    def slow_forward(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] - 1 in fail_on:
-            raise RuntimeError("simulated device failure")
-        time.sleep(seconds)
-        return forward(*args, **kwargs)
-
-    model.forward = slow_forward
-    return model
 
 
 class Recorder:
@@ -89,7 +66,7 @@ def engines():
 
 
 def test_mixed_adapter_batches_equal_offline_generate(serve_files, tokenizer, refs, engines):
-    model = _model(serve_files)
+    model = served_model(serve_files)
     engine = Engine(model, tokenizer, ServeConfig(max_batch_size=6))
     engines(engine)
     engine.start()
@@ -111,18 +88,12 @@ def test_mixed_adapter_batches_equal_offline_generate(serve_files, tokenizer, re
         assert got.adapter == (case[0] or "__base__")
 
 
-def _long_case(refs, adapters=ADAPTERS):
-    """An (adapter, prompt) whose offline text runs all MAX_TOKENS tokens."""
-    return next((a, p) for a in adapters for p in PROMPTS if refs[(a, p)]["tokens"] == MAX_TOKENS
-                and not refs[(a, p)]["eos"])
-
-
 def test_a_request_joins_at_the_next_step_and_a_finished_one_leaves(serve_files, tokenizer, refs, engines):
-    model = _slow(_model(serve_files), 0.01)
+    model = slowed(served_model(serve_files), 0.01)
     engine = Engine(model, tokenizer)
     engines(engine)
     engine.start()
-    (a, pa), (b, pb) = _long_case(refs, ADAPTERS[:2]), _long_case(refs, ADAPTERS[2:4])
+    (a, pa), (b, pb) = long_case(refs, ADAPTERS[:2]), long_case(refs, ADAPTERS[2:4])
     first, second = Recorder(engine), Recorder(engine)
     engine.submit(encode_prompt(tokenizer, pa), SamplingParams(max_tokens=10, temperature=0), a, first)
     first.wait_deltas(3)
@@ -139,7 +110,7 @@ def test_a_request_joins_at_the_next_step_and_a_finished_one_leaves(serve_files,
 
 
 def test_the_queue_is_bounded_and_a_cancelled_request_leaves(serve_files, tokenizer, engines):
-    engine = Engine(_slow(_model(serve_files), 0.02), tokenizer, ServeConfig(max_batch_size=1, max_queue=1))
+    engine = Engine(slowed(served_model(serve_files), 0.02), tokenizer, ServeConfig(max_batch_size=1, max_queue=1))
     engine.eos_ids = set()   # the requests cannot end early by themselves
     engines(engine)
     engine.start()
@@ -160,7 +131,7 @@ def test_the_queue_is_bounded_and_a_cancelled_request_leaves(serve_files, tokeni
 
 
 def test_a_failing_forward_fails_its_requests_and_the_engine_carries_on(serve_files, tokenizer, refs, engines):
-    engine = Engine(_slow(_model(serve_files), 0.0, fail_on={3}), tokenizer)
+    engine = Engine(slowed(served_model(serve_files), 0.0, fail_on={3}), tokenizer)
     engines(engine)
     engine.start()
     broken = Recorder(engine)
@@ -174,11 +145,11 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_carries_on(serve_fi
 
 
 def test_unloading_waits_for_the_requests_that_use_the_adapter(serve_files, tokenizer, refs, engines):
-    model = _slow(_model(serve_files), 0.01)
+    model = slowed(served_model(serve_files), 0.01)
     engine = Engine(model, tokenizer)
     engines(engine)
     engine.start()
-    adapter, prompt = _long_case(refs, ADAPTERS[:4])
+    adapter, prompt = long_case(refs, ADAPTERS[:4])
     user = Recorder(engine)
     engine.submit(encode_prompt(tokenizer, prompt), GREEDY, adapter, user)
     user.wait_deltas(2)
@@ -194,7 +165,7 @@ def test_unloading_waits_for_the_requests_that_use_the_adapter(serve_files, toke
 
 def test_loading_between_steps_serves_the_new_adapter_and_refuses_dora(serve_files, tokenizer, refs, engines,
                                                                      tmp_path):
-    model = _model(serve_files, ADAPTERS[:2])
+    model = served_model(serve_files, ADAPTERS[:2])
     engine = Engine(model, tokenizer)
     engines(engine)
     engine.start()
@@ -219,9 +190,9 @@ def test_loading_between_steps_serves_the_new_adapter_and_refuses_dora(serve_fil
 
 
 def test_stop_finishes_running_requests_then_refuses_new_ones(serve_files, tokenizer, refs, engines):
-    engine = Engine(_slow(_model(serve_files), 0.01), tokenizer)
+    engine = Engine(slowed(served_model(serve_files), 0.01), tokenizer)
     engine.start()
-    adapter, prompt = _long_case(refs, ADAPTERS[:4])
+    adapter, prompt = long_case(refs, ADAPTERS[:4])
     running = Recorder(engine)
     engine.submit(encode_prompt(tokenizer, prompt), GREEDY, adapter, running)
     running.wait_deltas(1)
@@ -234,7 +205,7 @@ def test_stop_finishes_running_requests_then_refuses_new_ones(serve_files, token
 
 
 def test_stop_past_its_timeout_fails_what_is_left(serve_files, tokenizer):
-    engine = Engine(_slow(_model(serve_files), 0.05), tokenizer)
+    engine = Engine(slowed(served_model(serve_files), 0.05), tokenizer)
     engine.eos_ids = set()
     engine.start()
     running = Recorder(engine)
@@ -247,7 +218,7 @@ def test_stop_past_its_timeout_fails_what_is_left(serve_files, tokenizer):
 
 
 def test_requests_over_the_limits_are_refused_at_submit(serve_files, tokenizer):
-    engine = Engine(_model(serve_files, []), tokenizer, ServeConfig(max_tokens=50, max_prompt_tokens=20))
+    engine = Engine(served_model(serve_files, []), tokenizer, ServeConfig(max_tokens=50, max_prompt_tokens=20))
     engine._accepting = True   # no thread: submit checks only
     cases = [
         (list(range(3, 24)), GREEDY, "__base__", 400, "the prompt is 21 tokens, more than this server's limit of 20"),
@@ -261,7 +232,7 @@ def test_requests_over_the_limits_are_refused_at_submit(serve_files, tokenizer):
         with pytest.raises(ServeError) as info:
             engine.submit(ids, params, adapter)
         assert info.value.status == status and words in str(info.value)
-    small = Engine(_model(serve_files, []), tokenizer, ServeConfig(max_tokens=300))
+    small = Engine(served_model(serve_files, []), tokenizer, ServeConfig(max_tokens=300))
     small._accepting = True
     with pytest.raises(ServeError) as info:
         small.submit([5] * 10, SamplingParams(max_tokens=250), "__base__")
@@ -270,15 +241,14 @@ def test_requests_over_the_limits_are_refused_at_submit(serve_files, tokenizer):
 
 
 def test_sliding_window_models_are_refused(tokenizer):
-    cfg = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    mistral = tiny_model("mistral", seed=None, vocab=len(tokenizer), pad_token_id=None, sliding_window=8)
     with pytest.raises(LoraError, match="DynamicSlidingWindowLayer"):
-        Engine(MistralForCausalLM(cfg), tokenizer)
+        Engine(mistral, tokenizer)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(serve_files, tokenizer, engines):
     """The same seeded request alone and among others: its own generator, the same text."""
-    engine = Engine(_model(serve_files), tokenizer)
+    engine = Engine(served_model(serve_files), tokenizer)
     engines(engine)
     engine.start()
     ids, params = encode_prompt(tokenizer, PROMPTS[1]), SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9,

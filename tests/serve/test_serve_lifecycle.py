@@ -4,69 +4,18 @@ routing with model "auto", and run-time loading switched off."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import openai
 import pytest
-import uvicorn
-from serve_support import ADAPTERS, MAX_TOKENS, PROMPTS, free_port, http
-from test_serve_engine import _long_case, _model, _slow
+from serve_support import ADAPTERS, MAX_TOKENS, PROMPTS, http, long_case, served_model, slowed, wait_idle
 
 import lorakit as lk
 from lorakit.builtin import build_tokenizer
-from lorakit.serve import Engine, ServeConfig, create_app
+from lorakit.serve import Engine, ServeConfig
 from lorakit.serve.server import load_server
 
 
-class InProcess:
-    """uvicorn serving `app` on 127.0.0.1 in a thread."""
-
-    def __init__(self, app, grace_s: int = 30) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=grace_s))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-
-
-@pytest.fixture
-def serve(serve_files):
-    """serve(engine, **create_app kwargs) -> a running InProcess; stopped at the end."""
-    running = []
-
-    def start(engine: Engine, grace_s: int = 30, **kwargs) -> InProcess:
-        server = InProcess(create_app(engine, "tiny", **kwargs), grace_s)
-        running.append(server)
-        return server
-
-    yield start
-    for server in running:
-        server.stop()
-
-
-def _wait_idle(url: str, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = http(url + "/health")[1]
-        if body["running"] == 0 and body["waiting"] == 0:
-            return body
-        assert time.monotonic() < deadline, body
-        time.sleep(0.05)
-
-
 def test_requests_past_the_time_limit_get_408_and_are_cancelled(serve_files, serve):
-    engine = Engine(_slow(_model(serve_files), 0.1), build_tokenizer(), ServeConfig(request_timeout_s=1.5))
+    engine = Engine(slowed(served_model(serve_files), 0.1), build_tokenizer(), ServeConfig(request_timeout_s=1.5))
     engine.eos_ids = set()   # the requests cannot end early by themselves
     server = serve(engine)
     with pytest.raises(openai.APIStatusError) as info:
@@ -78,11 +27,11 @@ def test_requests_past_the_time_limit_get_408_and_are_cancelled(serve_files, ser
         for _ in stream:
             pass
     assert info.value.body["code"] == "timeout"
-    _wait_idle(server.url)
+    wait_idle(server.url)
 
 
 def test_a_client_that_goes_away_cancels_its_request(serve_files, serve):
-    engine = Engine(_slow(_model(serve_files), 0.02), build_tokenizer())
+    engine = Engine(slowed(served_model(serve_files), 0.02), build_tokenizer())
     engine.eos_ids = set()   # the request cannot end early by itself
     server = serve(engine)
     stream = server.client.completions.create(model="a0", prompt="Hi", max_tokens=200, temperature=1.0, seed=0,
@@ -91,13 +40,13 @@ def test_a_client_that_goes_away_cancels_its_request(serve_files, serve):
     next(chunks), next(chunks)
     assert http(server.url + "/health")[1]["running"] == 1
     stream.close()
-    _wait_idle(server.url, timeout=2.0)   # its 200 tokens would take 4 s at 20 ms a step
+    wait_idle(server.url, timeout=2.0)   # its 200 tokens would take 4 s at 20 ms a step
 
 
 def test_graceful_shutdown_finishes_the_requests_in_flight(serve_files, serve, refs):
-    engine = Engine(_slow(_model(serve_files), 0.02), build_tokenizer())
+    engine = Engine(slowed(served_model(serve_files), 0.02), build_tokenizer())
     server = serve(engine)
-    adapter, prompt = _long_case(refs, ADAPTERS[:4])
+    adapter, prompt = long_case(refs, ADAPTERS[:4])
     stream = server.client.completions.create(model=adapter, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
                                               stream=True)
     chunks = iter(stream)
@@ -113,7 +62,7 @@ def test_graceful_shutdown_finishes_the_requests_in_flight(serve_files, serve, r
 
 def test_auto_asks_the_router(serve_files, serve, refs, tmp_path):
     tokenizer = build_tokenizer()
-    model = _model(serve_files)
+    model = served_model(serve_files)
     router = lk.Router(model, tokenizer)
     for name, prompt in zip(ADAPTERS[:3], PROMPTS[:3], strict=True):
         router.register(name, examples=[prompt])
@@ -135,7 +84,7 @@ def test_auto_asks_the_router(serve_files, serve, refs, tmp_path):
 
 
 def test_runtime_loading_is_off_without_an_adapters_dir(serve_files, serve):
-    server = serve(Engine(_model(serve_files, []), build_tokenizer()))
+    server = serve(Engine(served_model(serve_files, []), build_tokenizer()))
     status, body = http(server.url + "/v1/adapters", "POST", {"name": "x", "path": str(serve_files["adapters"])})
     assert status == 403 and "--adapters-dir" in body["error"]["message"]
     assert [m.id for m in server.client.models.list().data] == ["tiny"]

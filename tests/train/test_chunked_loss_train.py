@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_model
+from transformers import LlamaForCausalLM
 
 import lorakit as lk
 import lorakit.train.loss as loss_module
@@ -23,10 +24,9 @@ from lorakit.train.loss import loss_sum
 VOCAB = 300
 
 
-def tiny_llama(tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+def llama(tie: bool = False) -> LlamaForCausalLM:
+    """The tiny Llama at vocab 300, without a padding row, in training mode."""
+    return tiny_model(vocab=VOCAB, tie=tie, pad_token_id=None, training=True)
 
 
 def a_batch(rows: int = 3, length: int = 20) -> dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ def count_chunked(monkeypatch):
 
 @pytest.mark.parametrize("tie", [False, True], ids=["separate_head", "tied_head"])
 def test_loss_and_gradients_equal_the_full_logits(tie, count_chunked):
-    model = tiny_llama(tie)
+    model = llama(tie)
     lk.add_adapter(model, lk.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, init_lora_weights=False))
     model.train()
     assert_same(model, a_batch())
@@ -77,7 +77,7 @@ def test_loss_and_gradients_equal_the_full_logits(tie, count_chunked):
 
 
 def test_bf16_autocast_within_rounding(count_chunked):
-    model = tiny_llama()
+    model = llama()
     lk.add_adapter(model, lk.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     assert_same(model, a_batch(), autocast=True, rtol=2e-2, atol=2e-3)
     assert len(count_chunked) == 1
@@ -85,7 +85,7 @@ def test_bf16_autocast_within_rounding(count_chunked):
 
 def test_trained_head_through_modules_to_save(count_chunked):
     """A head trained in full (modules_to_save) keeps the chunked path and gets the same gradient."""
-    model = tiny_llama()
+    model = llama()
     lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
                                         init_lora_weights=False))
     s0, _, g0 = loss_and_grads(model, a_batch(), False)
@@ -98,7 +98,7 @@ def test_trained_head_through_modules_to_save(count_chunked):
 
 
 def test_head_with_its_own_adapter_takes_the_plain_path(count_chunked):
-    model = tiny_llama()
+    model = llama()
     lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
     assert_same(model, a_batch())
     assert count_chunked == []
@@ -107,10 +107,7 @@ def test_head_with_its_own_adapter_takes_the_plain_path(count_chunked):
 def test_logits_changed_after_the_head_fall_back_with_one_warning(count_chunked):
     """Gemma 2 soft-caps its logits after the head: the first call is run again on the plain path with
     the same dropout masks, one warning says so, and later calls take the plain path directly."""
-    torch.manual_seed(0)
-    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                           head_dim=8, final_logit_softcapping=3.0))
+    model = tiny_model("gemma2", vocab=VOCAB, final_logit_softcapping=3.0, training=True)   # head_dim 8
     lk.add_adapter(model, lk.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.2, init_lora_weights=False))
     model.train()
     s0, _, g0 = loss_and_grads(model, a_batch(), False)

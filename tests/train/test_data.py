@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_model
 
 from lorakit.builtin import build_tokenizer
 from lorakit.builtin.model import CHAT_TEMPLATE
@@ -462,11 +462,8 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def test_packed_batch_gives_the_unpacked_per_token_losses(tok):
     """No attention across samples and restarting positions: each sample's logits are the same
     packed or alone, so the loss over trained tokens is too."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tok.pad_token_id, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).float().eval()
+    model = tiny_model(layers=4, width=128, intermediate=344, vocab=len(tok), positions=256,
+                       pad_token_id=tok.pad_token_id, attn_implementation="sdpa")
     train, _, _ = build_datasets(DataSection(train=str(DATA / "mixed.jsonl"), max_seq_len=64), tok, seed=0)
     rows = pack(train, max_seq_len=96)
     assert len(rows) >= 2 and any(len(r.sources) >= 2 for r in rows)

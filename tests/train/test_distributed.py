@@ -21,8 +21,11 @@ from lorakit.errors import LoraError
 from lorakit.train.config import load_config
 from lorakit.train.loop import train
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="this torch build has no gloo backend for CPU processes")
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                       reason="this torch build has no gloo backend for CPU processes"),
+    pytest.mark.slow,   # every test here waits for torchrun launches (~10 s each on 2 cores)
+]
 
 # the training columns that are a function of the run (not of the clock)
 EXACT = ["step", "epoch", "loss", "lr", "grad_norm", "trained_tokens", "eval_loss", "eval_ppl", "eval_exact_match"]

@@ -40,6 +40,8 @@ def test_training_with_the_kernels_equals_pytorch(base_overrides, tmp_path, caps
     assert_same_adapters(tmp_path / "torch", tmp_path / "triton")
 
 
+@pytest.mark.slow   # ~30 s in Triton's interpreter; the fast suite has the same check on the model, without the
+# loop (tests/kernels/test_kernels_model.py::test_dropout_masks_follow_the_seed_and_checkpointing_draws_them_again)
 def test_dropout_masks_of_the_kernels_are_redrawn_by_checkpointing(base_overrides, tmp_path):
     """The kernels draw their own dropout masks (another stream than PyTorch's), so the check is
     against the kernels without checkpointing: recomputing a layer draws the same masks again."""
@@ -52,7 +54,7 @@ def test_dropout_masks_of_the_kernels_are_redrawn_by_checkpointing(base_override
 
 
 def test_kernels_setting_is_checked(base_overrides):
-    with pytest.raises(ConfigError, match="^training.kernels must be one of auto, triton, torch$"):
+    with pytest.raises(ConfigError, match="^training.kernels must be one of auto, triton, torch, got 'cuda'$"):
         load_config(None, base_overrides + ["training.kernels=cuda"])
     with pytest.raises(ConfigError, match="^training.kernels: triton and training.compile: true exclude each other"):
         load_config(None, base_overrides + ["training.kernels=triton", "training.compile=true"])

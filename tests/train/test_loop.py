@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import lorakit as lk
 from lorakit.cli import main as cli_main
 from lorakit.train.config import load_config
-from lorakit.train.loop import TrainingDiverged, _optimizer, train
+from lorakit.train.loop import TrainingDiverged, build_optimizer, train
 
 
 def run(overrides):
@@ -94,25 +94,51 @@ def test_offload_on_cpu_changes_nothing(base_overrides, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int, log: Path, timeout: float = 300) -> None:
+    """SIGKILL the `lorakit train` run `proc` (writing to `out`) once it has announced `step` by its
+    checkpoint directory (renamed into place whole, so one that exists is complete), at a moment when
+    no other checkpoint is half written. No timing is assumed: the run is frozen (SIGSTOP) before the
+    checkpoints are looked at, so what is seen is what the kill leaves; a run that ends or fails
+    before the kill fails the test, saying which."""
+    checkpoints, deadline = out / "checkpoints", time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the run exited with {proc.returncode} before its checkpoint of step {step} could be "
+                            f"killed" + (": it finished all its steps; give it more" if proc.returncode == 0 else "")
+                            + f"\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no checkpoint of step {step} in {out} after {timeout} s\n{log.read_text()[-3000:]}")
+            if (checkpoints / f"step-{step:08d}").is_dir():
+                os.kill(proc.pid, signal.SIGSTOP)
+                _, status = os.waitpid(proc.pid, os.WUNTRACED)   # returns once it is stopped (or gone)
+                if not os.WIFSTOPPED(status):
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    continue                                    # reported above
+                if not any(p.name.startswith(".") for p in checkpoints.iterdir()):   # no temp dir of atomic_dir
+                    break
+                os.kill(proc.pid, signal.SIGCONT)               # mid-write: let it finish that checkpoint
+            time.sleep(0.005)
+    finally:   # killed here, stopped or not; and never left behind when the test fails
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_resume_after_sigkill_is_exact(base_overrides, tmp_path):
     """Kill a run with SIGKILL mid-training, resume it: same adapter and same logged losses as an
-    uninterrupted run (with dropout on, so the RNG state must be restored too)."""
+    uninterrupted run (with dropout on, so the RNG state must be restored too). The kill comes right
+    after the step-10 checkpoint, 30 steps before the end."""
     common = [o for o in base_overrides if not o.startswith(("output.dir", "training.max_steps"))] + [
         "training.max_steps=40", "training.save_every=5", "training.keep_last=3", "lora.lora_dropout=0.1",
         "training.schedule=cosine", "training.warmup_steps=3"]
     run(common + [f"output.dir={tmp_path / 'full'}"])
-    killed = tmp_path / "killed"
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", *common, f"output.dir={killed}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "checkpoints" / "step-00000010").is_dir():
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed; raise max_steps"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", *common, f"output.dir={killed}"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    kill_after_checkpoint(proc, killed, 10, log)
     done = [s for s, _ in logged_losses(killed)]
     assert 10 <= max(done) < 40
     run(common + [f"output.dir={killed}", "training.resume=auto"])
@@ -145,7 +171,7 @@ def test_nan_loss_stops_with_a_checkpoint(base_overrides, tmp_path):
 def test_lora_plus_gives_b_its_own_learning_rate(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
-    opt = _optimizer(model, 1e-3, 0.0, 16.0, torch.device("cpu"))
+    opt = build_optimizer(model, 1e-3, 0.0, 16.0, torch.device("cpu"))
     scales = sorted(g["lr_scale"] for g in opt.param_groups)
     assert scales == [1.0, 16.0]
     b_group = next(g for g in opt.param_groups if g["lr_scale"] == 16.0)

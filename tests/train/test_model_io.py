@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.errors import ConfigError
+from lorakit.model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
 from lorakit.train.config import load_config
 from lorakit.train.loop import train
-from lorakit.train.model_io import load_model, load_tokenizer, resolve_device, resolve_dtype
 
 
 @pytest.mark.parametrize("dtype, expected", [("fp32", torch.float32), ("bf16", torch.bfloat16),

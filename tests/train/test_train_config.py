@@ -1,10 +1,15 @@
 import math
 import re
+from typing import get_args
 
 import pytest
+import yaml
 
 import lorakit as lk
-from lorakit.schema import field_docs, reference, reference_markdown
+from lorakit.cli import build_parser
+from lorakit.dtypes import TORCH_DTYPES, DtypeChoice, DtypeName
+from lorakit.quantize import QuantizeBase
+from lorakit.schema import field_docs, from_dict, reference, reference_markdown, to_dict
 from lorakit.train.config import DataSection, ModelSection, TrainConfig, TrainingSection, load_config
 from lorakit.train.schedule import lr_at
 
@@ -40,11 +45,62 @@ def test_yaml_float_in_exponent_form_is_a_float(tmp_path):
     (["model.dtype=fp8"], "model.dtype must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     (["data.format=xml"], "data.format must be one of auto, alpaca, chat, sharegpt, prompt_completion, text"),
     (["lora.r=0"], "LoraConfig.r must be an integer >= 1, got 0"),
+    (["training.strategy=tp"], "training.strategy must be one of single, ddp, fsdp, got 'tp'"),
+    (["training.kernels=cuda"], "training.kernels must be one of auto, triton, torch, got 'cuda'"),
+    (["training.bf16=maybe"], "training.bf16 must be one of true, false, auto, got 'maybe'"),
+    (["training.bf16=1"], "training.bf16 must be one of true, false, auto, got 1"),
     (["training"], "override 'training' must look like key.sub=value"),
 ])
 def test_bad_config_values(override, message):
     with pytest.raises(lk.ConfigError, match=re.escape(message)):
         load_config(None, override)
+
+
+def test_choices_are_checked_on_construction_too():
+    with pytest.raises(lk.ConfigError, match=re.escape("training.schedule must be one of constant, linear, cosine")):
+        TrainingSection(schedule="step")
+    with pytest.raises(lk.ConfigError, match=re.escape("model.dtype must be one of auto, fp32, bf16, fp16")):
+        ModelSection(dtype="float32")
+
+
+@pytest.mark.parametrize("text, expected", [("true", True), ("false", False), ("auto", "auto")])
+def test_bf16_is_a_bool_or_auto(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"training:\n  bf16: {text}\n")
+    for cfg in (load_config(str(path)), load_config(None, [f"training.bf16={text}"])):
+        assert cfg.training.bf16 == expected and type(cfg.training.bf16) is type(expected)
+
+
+def test_resolved_config_round_trips_through_yaml():
+    """The run's config.yaml (the resolved dict, as YAML) reads back as the same dict and the same
+    config, so resuming with the same settings compares equal."""
+    cfg = load_config(None, ["training.bf16=true", "lora.r=4", "model.dtype=bf16"])
+    resolved = to_dict(cfg)
+    assert resolved["training"]["bf16"] is True and resolved["lora"]["lora_alpha"] == 32
+    saved = yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))
+    assert saved == resolved and from_dict(TrainConfig, saved) == cfg
+
+
+def test_lora_defaults_are_the_train_configs():
+    """YAML without a lora section, an empty one, a partial one and the Python default agree."""
+    assert load_config(None).lora == TrainConfig().lora
+    assert from_dict(TrainConfig, {"lora": None}).lora == TrainConfig().lora
+    partial = from_dict(TrainConfig, {"lora": {"lora_dropout": 0.1}}).lora
+    assert (partial.r, partial.lora_alpha, partial.target_modules, partial.lora_dropout) == (16, 32, "all-linear", 0.1)
+
+
+def test_cli_choices_come_from_the_types():
+    assert set(TORCH_DTYPES) == set(get_args(DtypeName))
+    parser = build_parser()
+    for name in get_args(DtypeName):
+        assert parser.parse_args(["merge", "a", "--out", "b", "--dtype", name]).dtype == name
+    for name in get_args(QuantizeBase):
+        assert parser.parse_args(["merge", "a", "--out", "b", "--quantize-base", name]).quantize_base == name
+    for name in get_args(DtypeChoice):
+        assert parser.parse_args(["generate", "--dtype", name]).dtype == name
+        assert parser.parse_args(["serve", "--model", "m", "--dtype", name]).dtype == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["merge", "a", "--out", "b", "--dtype", "auto"])
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):

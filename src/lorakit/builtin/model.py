@@ -19,13 +19,13 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ..files import atomic_dir
 
 BUILTIN_MODEL = "lorakit/tiny-llama"
 VERSION = "v2"   # bump when the model or tokenizer below changes: the cache key
@@ -178,9 +178,8 @@ def builtin_model_dir() -> Path:
     target = cache_root() / f"tiny-llama-{VERSION}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    # another process building it at the same time is fine: the first rename wins
+    with atomic_dir(target, built_by_another=lambda: (target / "config.json").is_file()) as tmp:
         tokenizer = build_tokenizer()
         # a first use may come from inside a caller's no_grad / inference_mode block
         with torch.inference_mode(False), torch.enable_grad():
@@ -192,11 +191,4 @@ def builtin_model_dir() -> Path:
         record = {"recipe": {**PRETRAIN, "seed": 0, "data": "pretraining_document()"},
                   "loss_first": losses[0], "loss_last": losses[-1], "losses": [round(x, 4) for x in losses]}
         (tmp / "pretraining.json").write_text(json.dumps(record, indent=1) + "\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:   # another process built it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -19,13 +19,11 @@ object per line: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..files import atomic_dir
 from .model import cache_root
 
 BUILTIN_DATA = "lorakit/tiny-tasks"
@@ -132,17 +130,8 @@ def builtin_data_files() -> dict[str, Path]:
     files = {"train": target / "train.jsonl", "eval": target / "eval.jsonl"}
     if all(p.is_file() for p in files.values()):
         return files
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_dir(target, built_by_another=lambda: all(p.is_file() for p in files.values())) as tmp:
         train, held_out = generate_examples()
         write_jsonl(train, tmp / "train.jsonl")
         write_jsonl(held_out, tmp / "eval.jsonl")
-        try:
-            os.replace(tmp, target)
-        except OSError:   # another process generated it first
-            if not all(p.is_file() for p in files.values()):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return files

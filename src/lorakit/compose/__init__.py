@@ -6,7 +6,8 @@ Each plugs into the adapter wrappers either by writing a new adapter (combine) o
 
 from .combine import combine_adapters
 from .fusion import FusionConfig, add_fusion
-from .mixture import MixtureConfig, add_mixture, load_mixture, mixture_aux_loss, remove_mixture, save_mixture
+from .mixture import MixtureConfig, add_mixture, mixture_aux_loss, remove_mixture
+from .mixture_files import load_mixture, save_mixture
 from .per_sample import per_sample_adapters
 from .router import FitResult, Router
 

@@ -35,26 +35,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import AdapterStateError, ConfigError, LoraError, TargetModulesError
+from ..errors import AdapterStateError, ConfigError, TargetModulesError
 from ..inject import (
-    _check_known,
-    _check_new_name,
     add_adapter,
+    check_known,
+    check_new_name,
     delete_adapter,
     get_state,
     lora_layers,
     set_active_adapters,
 )
-from ..io import load_adapter, read_adapter_config, save_adapter
 from ..layers import LoraEmbedding, LoraLayer, LoraLinear
 from .merge_ops import MAJORITY_SIGN, merge_tasks
 
@@ -76,13 +73,13 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
     sign election, `svd_rank` the rank of the *_svd results, `seed` the DARE masks. With
     `activate` the new adapter becomes the only active one; its weights train when `trainable`."""
     names = [names] if isinstance(names, str) else list(names)
-    weights = _check_options(len(names), weights, method, density, majority_sign, svd_rank, seed)
+    weights = check_options(len(names), weights, method, density, majority_sign, svd_rank, seed)
     state = get_state(model)
-    _check_known(state, names)
+    check_known(state, names)
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
         raise ConfigError(f"names lists adapter {twice!r} twice; give each adapter once (add up its weights)")
-    _check_new_name(model, name)
+    check_new_name(model, name)
     _check_combinable(state, names)
 
     layers = {m: layer for m, layer in lora_layers(model) if any(n in layer.r for n in names)}
@@ -135,7 +132,7 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
     return model
 
 
-def _check_options(n_adapters: int, weights: Sequence[float], method: str, density: float | None,
+def check_options(n_adapters: int, weights: Sequence[float], method: str, density: float | None,
                   majority_sign: str, svd_rank: int | None, seed: int | None) -> list[float]:
     """Validate the arguments that do not need the model (so `lorakit combine` fails before loading
     one); returns the weights as floats."""
@@ -288,27 +285,3 @@ def _combined_config(first, ranks: dict[str, int]):
         exclude_modules=None, layers_to_transform=None, layers_pattern=None, use_rslora=False,
         init_lora_weights=True, inference_mode=False,
     )
-
-
-def combine_dirs(adapter_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, weights: Sequence[float],
-                 method: str, base: str | None = None, density: float | None = None, majority_sign: str = "total",
-                 svd_rank: int | None = None, seed: int | None = None) -> Path:
-    """`lorakit combine`: load the base (from the first adapter's config unless `base`) in fp32 on
-    the CPU, load the adapters, combine them, and write only the combined adapter to `out_dir`."""
-    from ..train.model_io import load_model  # pulls in transformers' model classes; only this path needs it
-
-    _check_options(len(adapter_dirs), weights, method, density, majority_sign, svd_rank, seed)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LoraError(f"{out} exists and is not an empty directory; remove it or choose another --out")
-    base = base or read_adapter_config(adapter_dirs[0]).base_model_name_or_path
-    if not base:
-        raise LoraError(f"{adapter_dirs[0]}/adapter_config.json names no base_model_name_or_path; pass --base MODEL")
-    model = load_model(base, dtype="fp32", device="cpu")
-    names = [f"adapter{i}" for i in range(len(adapter_dirs))]
-    for n, path in zip(names, adapter_dirs, strict=True):
-        load_adapter(model, path, name=n, activate=False)
-    combine_adapters(model, names, weights, method, "combined", density, majority_sign, svd_rank, seed,
-                     activate=False)
-    save_adapter(model, out, "combined")
-    return out

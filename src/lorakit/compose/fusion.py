@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, LoraError
 from ..layers import LoraLinear
-from .mixture import ExpertComposer, _check_temperature, attach
+from .mixture import ExpertComposer, attach, check_temperature
 
 QK_INIT_STD = 0.02
 
@@ -62,7 +62,7 @@ class FusionConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"FusionConfig.{key} must be an integer >= 1{' or None' if key == 'value_rank' else ''}, "
                                   f"got {value!r}")
-        _check_temperature(self)
+        check_temperature(self)
 
 
 class AdapterFusion(ExpertComposer):

@@ -29,17 +29,11 @@ tokens a layer sees (padding included), averaged over the mixture's layers:
 
 Training: the experts are existing adapters; `train_experts=False` trains the gate alone over them
 (frozen), `True` trains them jointly with it. AdapterFusion (`fusion.py`) shares the experts'
-bookkeeping and the file format; the composer is the `composer` hook of
+bookkeeping; the composer is the `composer` hook of
 `lorakit.layers.LoraLayer`, registered as a submodule of each layer, so its parameters are the
 model's parameters (optimisers, DDP, FSDP2 and `state_dict` see them).
 
-Files (`save_mixture`): a directory with
-
-    mixture_config.json         {"format": "lorakit-mixture", "format_version": 1, "kind": "moe" | "fusion",
-                                 "experts": [names], "config": {MixtureConfig or FusionConfig fields}}
-    mixture_model.safetensors   the gate (or fusion) parameters, keys "<module path>.<parameter>",
-                                e.g. "model.layers.0.self_attn.q_proj.router.weight"
-    <expert>/                   each expert in PEFT format (adapter_config.json + adapter_model.safetensors)
+Files: `mixture_files.py` (`save_mixture`, `load_mixture`).
 
 Not supported, each with an error when the mixture is added: DoRA experts, experts merged into the
 base, experts held by embedding or conv layers, and experts with `modules_to_save` copies.
@@ -47,49 +41,25 @@ base, experts held by embedding or conv layers, and experts with `modules_to_sav
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..config import LoraConfig
-from ..errors import AdapterFileError, AdapterStateError, ConfigError, LoraError
+from ..errors import AdapterStateError, ConfigError, LoraError
 from ..inject import (
-    _NAME_RE,
-    _check_known,
-    _set_trainable,
-    delete_adapter,
+    check_known,
     get_state,
     lora_layers,
     set_active_adapters,
+    set_trainable,
     wrappers,
 )
-from ..io import (
-    _atomic_write,
-    full_adapter_state_dict,
-    gather_full,
-    load_adapter,
-    load_adapter_weights,
-    shard_like,
-    write_adapter,
-)
 from ..layers import LoraLayer, LoraLinear, ModulesToSave
-from ..schema import from_dict
-
-CONFIG_NAME = "mixture_config.json"
-WEIGHTS_NAME = "mixture_model.safetensors"
-FORMAT = "lorakit-mixture"
-FORMAT_VERSION = 1
-KINDS = ("moe", "fusion")
 
 
 @dataclass
@@ -105,10 +75,11 @@ class MixtureConfig:
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):
             raise ConfigError(f"MixtureConfig.top_k must be an integer >= 1 or None (dense), got {self.top_k!r}")
-        _check_temperature(self)
+        check_temperature(self)
 
 
-def _check_temperature(config: Any) -> None:
+def check_temperature(config: Any) -> None:
+    """A mixture or fusion config's softmax temperature is a finite number > 0."""
     value = config.temperature
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise ConfigError(f"{type(config).__name__}.temperature must be a number > 0, got {value!r}")
@@ -264,7 +235,7 @@ def attach(model: nn.Module, experts: Sequence[str], build: Callable[[LoraLinear
         raise LoraError(f"{what} needs at least one adapter name")
     if len(set(names)) != len(names):
         raise LoraError(f"{what} was given an adapter more than once: {names}")
-    _check_known(state, names)
+    check_known(state, names)
     if composers(model):
         raise AdapterStateError(f"this model already has a mixture or fusion; call remove_mixture before adding a {what}")
     layers = [layer for _, layer in lora_layers(model) if any(e in layer.r for e in names)]
@@ -291,7 +262,7 @@ def attach(model: nn.Module, experts: Sequence[str], build: Callable[[LoraLinear
     built = [build(layer, names) for layer in layers]
     set_active_adapters(model, names)   # layers without a composer then add no other adapter
     for e in names:
-        _set_trainable(model, e, state.configs[e], train_experts)
+        set_trainable(model, e, state.configs[e], train_experts)
     for layer, composer in zip(layers, built, strict=True):
         composer.requires_grad_(trainable)
         composer.train(layer.training)
@@ -340,177 +311,3 @@ def mixture_aux_loss(model: nn.Module) -> MixtureLosses:
                                 "model.train() and run a forward before mixture_aux_loss")
     return MixtureLosses(balance=torch.stack([b for b, _ in recorded]).mean(),
                          z=torch.stack([z for _, z in recorded]).mean())
-
-
-# ---- files -------------------------------------------------------------------------------------
-
-
-@dataclass
-class MixtureFiles:
-    """Everything a saved mixture holds, as whole CPU tensors (what `write_mixture` writes)."""
-
-    meta: dict[str, Any]
-    """The content of mixture_config.json."""
-    tensors: dict[str, Tensor]
-    """The composers' parameters, keyed "<module path>.<parameter>"."""
-    experts: dict[str, tuple[dict[str, Tensor], LoraConfig]]
-    """Each expert's tensors (PEFT keys) and config."""
-
-
-def _composer_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The live composer parameters under their file keys."""
-    return {f"{layer.module_name}.{key}": p for layer, c in composers(model) for key, p in c.named_parameters()}
-
-
-def gather_mixture(model: nn.Module) -> MixtureFiles:
-    """The mixture (or fusion) of `model` as whole CPU tensors. On a model sharded by FSDP2 this
-    is a collective: every process must call it."""
-    found = composers(model)
-    if not found:
-        raise AdapterStateError("this model has no mixture or fusion to save; call add_mixture or add_fusion first")
-    first = found[0][1]
-    state = get_state(model)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": first.kind, "experts": first.experts,
-            "config": asdict(first.config)}
-    tensors = {k: gather_full(v) for k, v in _composer_tensors(model).items()}
-    experts = {e: (full_adapter_state_dict(model, e), state.configs[e]) for e in first.experts}
-    return MixtureFiles(meta, tensors, experts)
-
-
-def write_mixture(path: str | os.PathLike, files: MixtureFiles) -> None:
-    """Write a mixture directory from `gather_mixture`'s result (each file atomically)."""
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    for e, (tensors, config) in files.experts.items():
-        write_adapter(root / e, tensors, config)
-    _atomic_write(root / WEIGHTS_NAME, lambda tmp: save_file(files.tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(files.meta, indent=2) + "\n"
-    _atomic_write(root / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-
-
-def save_mixture(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the model's mixture of experts or fusion to directory `path`: mixture_config.json,
-    mixture_model.safetensors and each expert in PEFT format in `path/<expert>/`."""
-    write_mixture(path, gather_mixture(model))
-
-
-def _config_class(kind: str) -> type:
-    from .fusion import FusionConfig  # fusion builds on this module
-
-    return {"moe": MixtureConfig, "fusion": FusionConfig}[kind]
-
-
-def read_mixture_config(path: str | os.PathLike) -> tuple[str, list[str], Any]:
-    """(kind, experts, MixtureConfig or FusionConfig) of a saved mixture directory, validated."""
-    root = Path(path)
-    file = root / CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: a saved mixture directory holds {CONFIG_NAME} and "
-                                f"{WEIGHTS_NAME} (written by lorakit.save_mixture)")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFileError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise AdapterFileError(f"{file} is not a lorakit mixture config (expected \"format\": \"{FORMAT}\"); "
-                               "save the mixture with lorakit.save_mixture")
-    version = data.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise AdapterFileError(f"{file}: format_version {version!r} is not one this lorakit reads (1 to "
-                               f"{FORMAT_VERSION}); upgrade lorakit")
-    unknown = sorted(set(data) - {"format", "format_version", "kind", "experts", "config"})
-    if unknown:
-        raise AdapterFileError(f"{file}: unknown keys {unknown}; the file was edited or written by another tool")
-    kind = data.get("kind")
-    if kind not in KINDS:
-        raise AdapterFileError(f"{file}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    experts = data.get("experts")
-    if (not isinstance(experts, list) or not experts or len(set(map(str, experts))) != len(experts)
-            or not all(isinstance(e, str) and _NAME_RE.fullmatch(e) for e in experts)):
-        raise AdapterFileError(f"{file}: experts must be a non-empty list of distinct adapter names, got {experts!r}")
-    try:
-        config = from_dict(_config_class(kind), data.get("config"), "config")
-    except ConfigError as e:
-        raise AdapterFileError(f"{file}: {e}") from None
-    return kind, experts, config
-
-
-def _read_weights(file: Path) -> dict[str, Tensor]:
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: a saved mixture directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        return load_file(file)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read as safetensors: {e}") from None
-
-
-def _copy_composer_weights(model: nn.Module, file: Path) -> None:
-    tensors = _read_weights(file)
-    expected = _composer_tensors(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        parts = ([f"missing {_few(missing)}"] if missing else []) + ([f"unexpected {_few(unexpected)}"] if unexpected else [])
-        raise AdapterFileError(f"{file} does not fit this model's mixture ({'; '.join(parts)}); it was saved from "
-                               "another base model or with experts that target other modules")
-    for key, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise AdapterFileError(f"{file}: {key} has shape {tuple(tensor.shape)} but this model's mixture expects "
-                                   f"{tuple(expected[key].shape)}; it was saved from another base model or config")
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            expected[key].copy_(shard_like(tensor, expected[key]))
-
-
-def _few(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "")
-
-
-def load_mixture(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False,
-                 train_experts: bool = False) -> nn.Module:
-    """Load a saved mixture of experts or fusion (`save_mixture`) into `model`: its experts under
-    their saved names, then its gates or fusion layers. In place, returns the model. On any error
-    nothing stays loaded. Raises AdapterStateError if the model already has an adapter of an
-    expert's name or a mixture, AdapterFileError for files that are corrupt or do not fit."""
-    from .fusion import add_fusion  # fusion builds on this module
-
-    root = Path(path)
-    kind, experts, config = read_mixture_config(root)
-    if getattr(model, "_lorakit", None) is not None and composers(model):
-        raise AdapterStateError("this model already has a mixture or fusion; call remove_mixture before loading another")
-    loaded: list[str] = []
-    attached = False
-    try:
-        for e in experts:
-            load_adapter(model, root / e, name=e, trainable=train_experts, activate=False)
-            loaded.append(e)
-        if kind == "moe":
-            add_mixture(model, experts, config, trainable=trainable, train_experts=train_experts)
-        else:
-            add_fusion(model, experts, config, trainable=trainable)
-        attached = True
-        _copy_composer_weights(model, root / WEIGHTS_NAME)
-    except BaseException:
-        if attached:
-            remove_mixture(model)
-        for e in loaded:
-            delete_adapter(model, e)
-        raise
-    return model
-
-
-def load_mixture_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Copy a saved mixture's weights (gates or fusion layers, and experts) into the model's own
-    mixture, which must have the same kind, experts and config (e.g. to resume training)."""
-    found = composers(model)
-    if not found:
-        raise AdapterStateError("this model has no mixture or fusion to load weights into")
-    root = Path(path)
-    kind, experts, config = read_mixture_config(root)
-    mine = found[0][1]
-    if (kind, experts, config) != (mine.kind, mine.experts, mine.config):
-        raise AdapterFileError(f"{root / CONFIG_NAME} describes a {kind} of {experts} with {config}, but this model has "
-                               f"a {mine.kind} of {mine.experts} with {mine.config}")
-    for e in experts:
-        load_adapter_weights(model, root / e, e)
-    _copy_composer_weights(model, root / WEIGHTS_NAME)

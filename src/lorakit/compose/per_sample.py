@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import AdapterStateError, LoraError
-from ..inject import BASE_NAME, _check_known, get_state, wrappers
+from ..inject import BASE_NAME, check_known, get_state, has_adapters, wrappers
 from ..layers import LoraConv, LoraEmbedding, LoraLayer, ModulesToSave
 
 
@@ -229,7 +229,7 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     """
     names = _check_names(names)
     named = [a for a in dict.fromkeys(names) if a != BASE_NAME]
-    _check_known(get_state(model), named)
+    check_known(get_state(model), named)
     layers, saved = _checked_modules(model, named)
     rows_of = _rows_of(names, named)
     composers = [_composer_for(layer, names, rows_of) for layer in layers]   # every check before any change
@@ -255,11 +255,11 @@ class StackedAdapters:
         self.model = model
         self.names = names
         if names:
-            _check_known(get_state(model), names)
+            check_known(get_state(model), names)
         # every adapter layer gets a composer, so adapters left out of the stacks stay out (the
         # model's active adapters play no part), as in `per_sample_adapters`
-        has_adapters = getattr(model, "_lorakit", None) is not None
-        self._layers, self._saved = _checked_modules(model, names) if has_adapters else ([], [])
+        adapted = has_adapters(model)
+        self._layers, self._saved = _checked_modules(model, names) if adapted else ([], [])
         self._stacks: list[tuple[tuple[str, ...], tuple[Tensor, Tensor, Tensor | None] | None]] = []
         for layer in self._layers:
             present = [a for a in names if a in layer.r]

@@ -50,13 +50,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AdapterFileError, AdapterStateError, ConfigError, LoraError
-from ..inject import _NAME_RE, BASE_NAME, disable_adapters, list_adapters
-from ..io import _atomic_write
+from ..files import atomic_write, read_safetensors
+from ..inject import BASE_NAME, NAME_RE, disable_adapters, has_adapters, list_adapters, model_name
 from ..schema import from_dict
 from .per_sample import per_sample_adapters
 
@@ -144,7 +143,7 @@ class Router:
         """Add adapter `name` to the library, described by a text and/or example prompts (each one
         reference; more examples give a steadier centroid). The adapter need only be on the model
         by the time prompts are routed."""
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name == BASE_NAME:
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name == BASE_NAME:
             raise AdapterStateError(f"adapter name {name!r} is not valid: use an adapter name of the model "
                                     f"(letters, digits, '_' and '-'), not {BASE_NAME!r}, which means 'no adapter'")
         if name in self._entries:
@@ -266,13 +265,13 @@ class Router:
         tensors.update({f"refs.{n}": e.refs.contiguous() for n, e in self._entries.items()})
         meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "config": asdict(self.config), "dim": int(probe.numel()),
-            "model": _model_name(self.model),
+            "model": model_name(self.model),
             "adapters": [{"name": n, "description": e.description, "examples": e.examples, "threshold": e.threshold}
                          for n, e in self._entries.items()],
         }
-        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, tokenizer) -> Router:
@@ -286,7 +285,7 @@ class Router:
         except ConfigError as e:
             raise AdapterFileError(f"{config_file}: {e}") from None
         router = cls(model, tokenizer, **asdict(config))
-        tensors = _read_tensors(directory / WEIGHTS_NAME)
+        tensors = read_safetensors(directory / WEIGHTS_NAME, f"a router directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
         weights_file = directory / WEIGHTS_NAME
         entries, dim = meta["adapters"], meta["dim"]
         expected = {"probe": (dim,)}   # refs rows: the description (if any), then the examples
@@ -387,10 +386,10 @@ def _embed_base(model: nn.Module, tokenizer, texts: list[str], config: RouterCon
     texts, add_special = _format(tokenizer, texts, config.chat_template)
     was_training = model.training
     model.eval()   # dropout would make embeddings random
-    has_adapters = getattr(model, "_lorakit", None) is not None
+    adapted = has_adapters(model)
     out = []
     try:
-        with disable_adapters(model) if has_adapters else contextlib.nullcontext():
+        with disable_adapters(model) if adapted else contextlib.nullcontext():
             for i in range(0, len(texts), config.batch_size):
                 batch = tokenizer(texts[i:i + config.batch_size], add_special_tokens=add_special, padding=True,
                                   padding_side="right", truncation=True, max_length=config.max_length,
@@ -455,10 +454,6 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _model_name(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
-
-
 def _read_meta(directory: Path) -> dict:
     if not directory.is_dir():
         raise FileNotFoundError(f"router directory {directory} does not exist")
@@ -487,12 +482,3 @@ def _read_meta(directory: Path) -> dict:
         raise AdapterFileError(f"{file} is malformed: it needs config (object), dim (int) and adapters (a list of "
                                "{name, description, examples, threshold} with distinct names); save the router again")
     return meta
-
-
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: a router directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        return load_file(file)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read as safetensors: {e}") from None

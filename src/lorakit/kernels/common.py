@@ -24,13 +24,6 @@ def check_tensor(kernel: str, name: str, t: Tensor, fallback: str, interpreted: 
                          f"PyTorch path ({fallback}) on CPU")
 
 
-def kernels_configured(setting: str, device_type: str, compiling: bool) -> bool:
-    """Whether `training.kernels` asks for the kernels (before triton and the device are checked):
-    triton always; auto on CUDA, unless torch.compile runs (inductor writes its own Triton kernels
-    for these ops)."""
-    return setting == "triton" or (setting == "auto" and device_type == "cuda" and not compiling)
-
-
 @functools.cache
 def triton_importable() -> bool:
     try:

@@ -11,8 +11,8 @@ cast and two multiplies in backward. Here:
     backward's x * keep for A's gradient and (dL/dx) * keep for x's.
 
 keep = uniform >= p, so an entry is kept with probability 1 - p; the 1/(1-p) of inverted dropout
-is applied by the caller to the (N, r) products. The bits have the layout of
-`lorakit.ops.lora_linear._pack_bits` (bit j of byte i is entry 8 i + j, row-major), so either side
+is applied by the caller to the (N, r) products. The bits follow the layout that
+`lorakit.ops.dropout_bits` defines (bit j of byte i is entry 8 i + j, row-major), so either side
 can read the other's. The same seed gives the same mask; it is another stream than torch's
 generator gives the PyTorch path, as any two devices' streams differ.
 """

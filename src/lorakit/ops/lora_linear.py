@@ -16,9 +16,10 @@ Here backward keeps only what it needs:
     unpacking: on a 2-core CPU a Llama step with dropout 0.05 was 10% slower regenerating).
 The mask is drawn from a seed taken from torch's global CPU generator, so a seeded run is
 reproducible and activation checkpointing (which restores the RNG state on recompute) draws the
-same mask again. With `kernel` (set by `lorakit.kernels.model.use_kernels`, on CUDA) the Triton
+same mask again. With `kernel` (set by `lorakit.train.kernels.use_kernels`, on CUDA) the Triton
 kernels of `lorakit.kernels.dropout` draw the mask from that seed, apply it and pack its bits in
-one pass, and apply the bits in backward; the bits have the same layout either way.
+one pass, and apply the bits in backward; the bits have the same layout either way
+(`lorakit.ops.dropout_bits`).
 
 Under `torch.compile` neither a Python int seed (`.item()` breaks the graph) nor a seeded
 `torch.Generator` (an object dynamo cannot create in a graph) is available, so there the mask is
@@ -36,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .dropout_bits import pack_bits, unpack_bits
 from .recompute import Recipe
 
 
@@ -50,27 +52,6 @@ def _keep(shape: torch.Size, device: torch.device, p: float, seed: int) -> Tenso
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return torch.rand(shape, generator=gen, device=device).ge_(p)
-
-
-_BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def _pack_bits(keep: Tensor) -> Tensor:
-    """0/1 (N, d), float or bool -> uint8 (ceil(N d / 8),): bit j of byte i is entry 8 i + j
-    (row-major). One matrix-vector product of the (N d / 8, 8) view with the bit values: exact (sums
-    of at most 255 in fp32), and one pass where a multiply and a sum over 8 would be two."""
-    flat = keep.reshape(-1).to(torch.float32)
-    pad = -flat.numel() % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    values = torch.tensor(_BIT_VALUES, dtype=torch.float32, device=keep.device)
-    return torch.mv(flat.view(-1, 8), values).to(torch.uint8)
-
-
-def _unpack_bits(bits: Tensor, shape: torch.Size) -> Tensor:
-    """The inverse of `_pack_bits`: uint8 0/1 of `shape`."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return (bits[:, None] >> shifts).bitwise_and_(1).view(-1)[:shape.numel()].view(shape)
 
 
 def _add_term(out: Tensor, xd: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scaling: float,
@@ -113,7 +94,7 @@ class _LoraLinear(torch.autograd.Function):
             xd, keep = dropout_pack(x2.contiguous(), p, seed)
         elif packed:
             mask = _keep(x2.shape, x.device, p, seed)            # (N, d_in) 0/1 fp32
-            keep = _pack_bits(mask)
+            keep = pack_bits(mask)
             xd = x2 * mask.to(x2.dtype)
         else:
             xd = _dropped(x2, keep, False) if p > 0 else x2
@@ -135,7 +116,7 @@ class _LoraLinear(torch.autograd.Function):
         A, B, h, keep, *xs = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         if ctx.packed and not ctx.kernel:
-            keep = _unpack_bits(keep, torch.Size((h.shape[0], A.shape[1])))      # (N, d_in) 0/1
+            keep = unpack_bits(keep, torch.Size((h.shape[0], A.shape[1])))      # (N, d_in) 0/1
         dtype = grad_out.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1])              # (N, d_out)
         grad_x = grad_A = grad_B = grad_bias = None
@@ -160,8 +141,8 @@ class _LoraLinear(torch.autograd.Function):
         return grad_out, grad_x, grad_A, grad_B, grad_bias, None, None, None, None, None, None
 
 
-def lora_linear_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None,
-                 scaling: float, dropout: float, recipe: Recipe | None = None, kernel: bool = False) -> Tensor:
+def lora_linear_(out: Tensor, x: Tensor, *, A: Tensor, B: Tensor, bias: Tensor | None, scaling: float,
+                 dropout: float, recipe: Recipe | None = None, kernel: bool = False) -> Tensor:
     """Add the LoRA term into `out` in place and return it (see the module docstring).
 
     `out` must be the contiguous, freshly computed base output (the base layer's backward must

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
 
 import torch
 
+from ..dtypes import TORCH_DTYPES
 from ..errors import ConfigError
-from ..kernels.common import kernels_configured
-from ..kernels.model import kernel_targets
 from ..train.config import TrainConfig
+from ..train.kernels import kernel_targets, kernels_configured
 from .estimate import METHODS, Estimate, Workload, estimate, largest, usable
 from .params import (
-    ParamReport,
     arch_of,
     embedding_parameters,
     inject_adapter,
@@ -40,48 +38,13 @@ from .params import (
     weights_of,
 )
 from .render import render_json, render_text
-from .suggest import TASK_RANKS, DataSummary, Suggestion, count_data, risk_warnings, suggestions
+from .result import Fit, Plan
+from .suggest import TASK_RANKS, count_data, risk_warnings, suggestions
 
 __all__ = ["Fit", "Plan", "TASK_RANKS", "make_plan", "parse_size", "render_json", "render_text"]
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(|[KMGT]i?B?)\s*", re.IGNORECASE)
 _MAX_BATCH = 1 << 16
-
-
-@dataclass
-class Fit:
-    """How one estimate fits the memory budget."""
-
-    method: str
-    checkpointing: bool
-    fits: bool
-    """At the configured micro batch and sequence length."""
-    largest_batch: int
-    """The largest micro_batch_size that fits at the configured max_seq_len (0: none)."""
-    largest_seq: int
-    """The largest max_seq_len that fits at the configured micro_batch_size (0: none)."""
-
-
-@dataclass
-class Plan:
-    model: str
-    """Where the model config was read from."""
-    model_type: str
-    layers_exact: bool
-    """The activation model knows this architecture's layers (Llama-style or GPT-2)."""
-    workload: Workload
-    checkpointing: bool
-    """The config's training.gradient_checkpointing."""
-    params: ParamReport
-    estimates: list[Estimate]
-    memory_budget: int | None
-    usable_memory: int | None
-    fits: list[Fit]
-    data: DataSummary
-    suggestions: list[Suggestion]
-    warnings: list[str]
-    notes: list[str]
 
 
 def parse_size(text: str) -> int:
@@ -107,8 +70,8 @@ def make_plan(cfg: TrainConfig, *, model: str | None = None, memory: int | None 
     device = device or ("cpu" if cfg.model.device.startswith("cpu") else "cuda")
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"device {device!r}: plan for cuda or cpu")
-    dtype = _DTYPES.get(cfg.model.dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
-    autocast = cfg.training.bf16 == "true" or (cfg.training.bf16 == "auto" and device == "cuda")
+    dtype = TORCH_DTYPES.get(cfg.model.dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
+    autocast = cfg.training.bf16 is True or (cfg.training.bf16 == "auto" and device == "cuda")
     weight_bytes = dtype.itemsize
     compute_bytes = 2 if autocast or weight_bytes == 2 else 4
 

@@ -24,9 +24,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .. import inject, io
+from ..base_types import LINEAR_TYPES
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..layers import LINEAR_TYPES, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from ..layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from ..model_io import resolve_model_path
 from .estimate import Arch, LayerAdapters, Trainables, Weights
 
 ADAPTER = "default"
@@ -272,8 +274,6 @@ def weights_of(model: nn.Module) -> Weights:
 
 def model_source(name_or_path: str) -> str:
     """What `from_pretrained` reads for a config's model (the built-in id becomes its directory)."""
-    from ..train.model_io import resolve_model_path
-
     return resolve_model_path(name_or_path)
 
 

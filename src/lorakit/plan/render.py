@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:   # the package imports this module; the names are only for annotations
-    from . import Plan
+from .result import Plan
 
 GIB = 2**30
 _LABELS = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ..builtin.tasks import BUILTIN_DATA
+from ..model_io import load_tokenizer
 from ..train.config import TrainConfig
+from ..train.data import build_datasets, load_records
 
 TASK_RANKS = {"style": 8, "format": 8, "domain": 16, "knowledge": 64, "reasoning": 64}
 _RANK_RULE = "style or format 8, domain adaptation 16, new knowledge or reasoning 64+"
@@ -60,11 +62,7 @@ def count_data(cfg: TrainConfig, examples: int | None, tokenizer_dir: Path | Non
     missing = [s for s in specs if s != BUILTIN_DATA and not Path(s).exists()]
     if missing:
         return DataSummary(None, None, f"{missing[0]} is not here; pass --examples N")
-    from ..train.data import build_datasets, load_records
-
     if tokenizer_dir is not None:
-        from ..train.model_io import load_tokenizer
-
         _, _, report = build_datasets(cfg.data, load_tokenizer(str(tokenizer_dir)), cfg.training.seed)
         return DataSummary(report.used_train, report.trained_tokens,
                            f"{', '.join(map(str, specs))}, tokenized with {tokenizer_dir}")

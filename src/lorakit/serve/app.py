@@ -1,6 +1,6 @@
 """The HTTP API: a FastAPI app over an `Engine`, OpenAI-compatible.
 
-    GET    /health                     engine alive, requests running and waiting
+    GET    /health                     engine alive, requests running and waiting, adapters skipped at start
     GET    /v1/models                  the base model, every loaded adapter (and "auto" with a router)
     GET    /v1/models/{model}
     POST   /v1/completions             prompt -> text
@@ -16,7 +16,12 @@ Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`
 for a request at fault: 400 bad parameter or too long, 403 a path outside the adapters
 directory, 404 unknown model, 408 over the time limit, 409 name taken, 413 body too large, 429
 queue full. Each request runs under `request_timeout_s`; a client that goes away cancels its
-request. Request bodies are read up to `max_body_bytes` before any parsing.
+request. Request bodies are read up to `max_body_bytes`, within `body_timeout_s`, and must be
+UTF-8 (RFC 8259), before any parsing.
+
+Slow clients hold nothing for long: a body that has not arrived after `body_timeout_s` is a 408;
+a stream whose client stops reading (its sends block once the socket's buffers are full) is cut
+off at the request's time limit, its request cancelled and the connection closed.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LoraError
-from ..generate import encode_prompt
 from ..inject import BASE_NAME
+from ..model_io import encode_prompt
 from .engine import Delta, Engine, Failed, Finished, Started
 from .errors import ServeError
 from .protocol import (
@@ -60,9 +65,11 @@ from .sampling import SamplingParams
 log = logging.getLogger("lorakit.serve")
 
 
-def create_app(engine: Engine, base_name: str, adapters_dir: str | Path | None = None) -> FastAPI:
+def create_app(engine: Engine, base_name: str, adapters_dir: str | Path | None = None,
+               skipped: dict[str, str] | None = None) -> FastAPI:
     """The app serving `engine`. `base_name` is the model name that means "no adapter";
-    `adapters_dir` is where `POST /v1/adapters` may load from (None: run-time loading is off).
+    `adapters_dir` is where `POST /v1/adapters` may load from (None: run-time loading is off);
+    `skipped` ({name: reason}, the adapters dir's subdirectories not served) is shown in /health.
     The app's lifespan starts the engine and, at shutdown, lets in-flight requests finish for up to
     `shutdown_timeout_s` before cancelling them."""
     config = engine.config
@@ -78,7 +85,7 @@ def create_app(engine: Engine, base_name: str, adapters_dir: str | Path | None =
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(_BodyReader, limit=config.max_body_bytes, timeout_s=config.body_timeout_s)
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, e: ServeError) -> JSONResponse:
@@ -108,7 +115,8 @@ def create_app(engine: Engine, base_name: str, adapters_dir: str | Path | None =
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": "ok" if engine.alive else "down", **engine.stats(), "adapters": len(engine.adapters)}
+        body = {"status": "ok" if engine.alive else "down", **engine.stats(), "adapters": len(engine.adapters),
+                "skipped": skipped or {}}
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models")
@@ -327,6 +335,11 @@ class _Run:
         return asked
 
 
+# how long past its request's deadline a stream may take to send its last chunks (the 408 it sends
+# at the deadline); only a client that has stopped reading takes longer
+_LAST_CHUNKS_S = 1.0
+
+
 def _streaming(run: _Run, events: AsyncIterator[str]) -> StreamingResponse:
     run.watch_client = False
 
@@ -339,8 +352,29 @@ def _streaming(run: _Run, events: AsyncIterator[str]) -> StreamingResponse:
         finally:
             run.cancel()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _TimedStream(run, body())
+
+
+class _TimedStream(StreamingResponse):
+    """Server-sent events that end by their request's deadline even when the client stops reading.
+    Such a client's sends block (the socket's buffers are full) and no disconnect ever comes, so
+    without the bound its connection and task would be held for as long as it stays connected.
+    Cut off, the response is left incomplete and uvicorn closes the connection."""
+
+    def __init__(self, run: _Run, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await asyncio.wait_for(super().__call__(scope, receive, send),
+                                   max(0.0, self.run.deadline - time.monotonic()) + _LAST_CHUNKS_S)
+        except asyncio.TimeoutError:
+            log.warning("a stream was cut off at the time limit of %g s (request_timeout_s): its client stopped "
+                        "reading", self.run.timeout_s)
+        finally:
+            self.run.cancel()
 
 
 def _sse(data: dict) -> str:
@@ -371,17 +405,20 @@ def _validation_message(errors: list[dict]) -> ServeError:
     return ServeError(f"{param + ': ' if param else ''}{first['msg']}", 400, param=param)
 
 
-class _BodyLimit:
+class _BodyReader:
     """Pure ASGI middleware: read a request body up to `limit` bytes (413 past it, whether the
-    client declared the length or streams it chunked), then hand it on to the app.
+    client declared the length or streams it chunked) and within `timeout_s` (408 past it, so a
+    body sent a byte at a time holds its connection no longer), check it is UTF-8 (400: JSON is
+    UTF-8, and the app's parser would give an unhelpful error), then hand it on to the app.
 
     A body over the limit is still read, and dropped, up to twice the limit before the 413 goes
     out: a client that writes its whole body before reading the answer (most do) then gets the
     413 rather than a broken pipe. Beyond twice the limit the server answers and closes at once."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, timeout_s: float) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -393,28 +430,47 @@ class _BodyLimit:
             return await _send_error(send, ServeError("the Content-Length header is not a number", 400))
         if declared is not None and declared > 2 * self.limit:
             return await _send_error(send, self._too_large(f"{declared} bytes"))
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":   # the client went away
-                return
-            more = message.get("more_body", False)
-            size += len(message.get("body", b""))
-            if size <= self.limit:
-                chunks.append(message.get("body", b""))
-            elif not more or size > 2 * self.limit:
-                said = f"{size} bytes" if not more else f"over {2 * self.limit} bytes so far"
-                return await _send_error(send, self._too_large(said))
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+        except asyncio.TimeoutError:
+            return await _send_error(send, ServeError(
+                f"the request body did not arrive within this server's limit of {self.timeout_s:g} s "
+                "(body_timeout_s); send it whole, at once", 408, code="timeout"))
+        except ServeError as e:
+            return await _send_error(send, e)
+        if body is None:   # the client went away
+            return
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return await _send_error(send, ServeError(
+                f"the request body is not valid UTF-8 (byte {e.start}: {body[e.start:e.start + 4]!r}); send JSON "
+                "encoded as UTF-8", 400))
         replayed = False
 
         async def replay():
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> bytes | None:
+        """The whole body (None if the client went away); a ServeError 413 past the limit."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            more = message.get("more_body", False)
+            size += len(message.get("body", b""))
+            if size <= self.limit:
+                chunks.append(message.get("body", b""))
+            elif not more or size > 2 * self.limit:
+                raise self._too_large(f"{size} bytes" if not more else f"over {2 * self.limit} bytes so far")
+        return b"".join(chunks)
 
     def _too_large(self, size: str) -> ServeError:
         return ServeError(f"the request body ({size}) is larger than this server's limit of {self.limit} bytes "

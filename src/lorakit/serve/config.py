@@ -27,8 +27,10 @@ class ServeConfig:
     """Most prompt tokens prefilled in one step when requests join; bounds the pause the running rows see."""
     max_body_bytes: int = 1_048_576
     """Largest request body accepted (413 above it)."""
+    body_timeout_s: float = 30.0
+    """Most seconds a client may take to send its request body; past it the request gets 408 (a body sent a byte at a time holds no connection for long)."""
     request_timeout_s: float = 300.0
-    """Wall-clock limit of one request, queueing included; past it the request is cancelled (408)."""
+    """Wall-clock limit of one request, queueing included; past it the request is cancelled (408), and a stream the client stopped reading is closed."""
     shutdown_timeout_s: float = 30.0
     """On shutdown, how long in-flight requests may run to completion before they are cancelled."""
 

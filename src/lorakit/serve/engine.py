@@ -35,7 +35,9 @@ running request uses the adapter; new requests for it are refused from the momen
 
 Everything a request gets back goes through its `sink`, called on the engine thread with
 `Started`, then `Delta`s, then one `Finished` or `Failed`. A failing forward pass fails the
-requests in it (500) and the engine carries on with the next ones.
+requests in it (500) and the engine carries on with the next ones. A failure of one row after
+the pass (logits that are NaN because its adapter holds NaN, say) fails that row's request alone;
+the other rows of the batch go on, and their text is what they would give alone.
 """
 
 from __future__ import annotations
@@ -270,6 +272,10 @@ class Engine:
         if bad:
             raise ServeError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[0]!r}", 400,
                              param="prompt")
+        if not 0 <= params.temperature <= 2:   # NaN fails too
+            raise ServeError(f"temperature must be in [0, 2], got {params.temperature!r}", 400, param="temperature")
+        if not 0 < params.top_p <= 1:
+            raise ServeError(f"top_p must be in (0, 1], got {params.top_p!r}", 400, param="top_p")
         if params.max_tokens > self.config.max_tokens:
             raise ServeError(f"max_tokens is {params.max_tokens}, more than this server's limit of "
                              f"{self.config.max_tokens}", 400, param="max_tokens")
@@ -516,25 +522,41 @@ class Engine:
         return out.logits[:, -1, :].float()
 
     def _take(self, rows: list[_Row], logits: Tensor) -> list[bool]:
-        """Choose each row's next token, send its text, and say which rows finished."""
+        """Choose each row's next token, send its text, and say which rows finished. A row that
+        fails here (no token to choose, its text cannot be decoded) fails alone: its request gets
+        the error and leaves, the other rows go on."""
         tokens = choose_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
         done = []
         for row, token in zip(rows, tokens, strict=True):
-            row.last, row.generated = token, row.generated + 1
-            text = row.stream.add(token)
-            reason = None
-            if row.stream.stopped or token in self.eos_ids:
-                reason = "stop"
-            elif row.generated >= row.request.params.max_tokens:
-                reason = "length"
-            if reason is not None:
-                text += row.stream.finish()
-            if text:
-                _emit(row.request, Delta(text))
-            if reason is not None:
-                _emit(row.request, Finished(reason, len(row.request.prompt_ids), row.generated))
-            done.append(reason is not None or row.request.cancelled)
+            try:
+                done.append(self._continue(row, token))
+            except Exception as e:
+                log.exception("request %s (adapter %s) failed", row.request.id, row.adapter)
+                error = e if isinstance(e, ServeError) else ServeError(
+                    f"generation failed: {type(e).__name__}: {e}", 500)
+                _emit(row.request, Failed(error))
+                done.append(True)
         return done
+
+    def _continue(self, row: _Row, token: int | None) -> bool:
+        """Take `token` as the row's next, send its text; whether the row finished."""
+        if token is None:
+            raise ServeError(f"generation failed: the logits of this request are not finite (NaN or inf) under "
+                             f"adapter {row.adapter!r}; its weights may hold NaN or inf", 500, code="non_finite_logits")
+        row.last, row.generated = token, row.generated + 1
+        text = row.stream.add(token)
+        reason = None
+        if row.stream.stopped or token in self.eos_ids:
+            reason = "stop"
+        elif row.generated >= row.request.params.max_tokens:
+            reason = "length"
+        if reason is not None:
+            text += row.stream.finish()
+        if text:
+            _emit(row.request, Delta(text))
+        if reason is not None:
+            _emit(row.request, Finished(reason, len(row.request.prompt_ids), row.generated))
+        return reason is not None or row.request.cancelled
 
     # -- the batch's cache -----------------------------------------------------------------------
 

@@ -7,6 +7,10 @@ Parameters lorakit serves: `model`, `prompt` / `messages`, `max_tokens` (chat al
 (`logprobs`, `echo`, `best_of` > 1, `suffix`, penalties, `logit_bias`, tools, JSON mode) are
 refused with a 400 when given a value that would change the output, never silently dropped;
 unknown keys are ignored, as OpenAI's own server does with new client fields.
+
+Text must be Unicode: the JSON escape `\\ud800` decodes to a lone surrogate, which no tokenizer can
+encode and no response can echo, so every string of a request body is checked on arrival (400
+naming the field). Token ids are JSON integers, never booleans (`true` is not token 1).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from .errors import ServeError
 
@@ -27,18 +31,44 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 64 - 1)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[StrictInt, Field(ge=0)]
 
 
-class StreamOptions(BaseModel):
+def _unicode(value: Any) -> Any:
+    """`value`, or a ValueError for a string in it (or in its lists and dicts) with a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"contains a lone surrogate (\\u{ord(value[e.start]):04x} at character {e.start}); "
+                             "text must be valid Unicode") from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _unicode(key)
+            _unicode(item)
+    return value
+
+
+class _Body(BaseModel):
+    """A part of a request body: unknown keys ignored, every string checked to be Unicode."""
+
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _text_is_unicode(cls, value: Any) -> Any:
+        return _unicode(value)
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Body):
     """What completions and chat share."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
     max_tokens: MaxTokens | None = None
@@ -84,6 +114,16 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_boolean_ids(cls, value: Any) -> Any:
+        """Booleans among token ids are refused by name (TokenId is strict); the union's own error
+        would say the prompt "should be a valid string"."""
+        for row in value if isinstance(value, list) else ():
+            if any(isinstance(x, bool) for x in (row if isinstance(row, list) else [row])):
+                raise ValueError("token ids must be integers, not booleans (true / false)")
+        return value
+
     def check_supported(self) -> None:
         super().check_supported()
         if self.logprobs is not None:
@@ -105,14 +145,12 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TextPart(_Body):
     type: str
     text: str | None = None
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -163,7 +201,7 @@ class ChatRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class AdapterLoad(BaseModel):
+class AdapterLoad(_Body):
     model_config = ConfigDict(extra="forbid")
     name: str
     path: str

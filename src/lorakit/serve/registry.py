@@ -111,9 +111,11 @@ def check_adapter_files(directory: Path, root: Path | None = None) -> None:
             raise ServeError(f"{directory / name} is not a regular file", 400, param="path", code="not_an_adapter")
 
 
-def discover_adapters(root: Path, base_name: str) -> list[tuple[str, Path]]:
+def discover_adapters(root: Path, base_name: str, skipped: dict[str, str] | None = None) -> list[tuple[str, Path]]:
     """(name, resolved directory) of every subdirectory of `root` that passes the checks, by
-    name; what does not pass is logged with the reason, not loaded."""
+    name; what does not pass is logged with the reason, not loaded (and put in `skipped`,
+    {directory name: reason}, when given): one bad directory must not keep the others from
+    being served."""
     found = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.is_dir():
@@ -123,4 +125,6 @@ def discover_adapters(root: Path, base_name: str) -> list[tuple[str, Path]]:
             found.append((name, resolve_adapter_dir(root, entry.name)))
         except ServeError as e:
             log.warning("adapters dir: skipping %s: %s", entry.name, e)
+            if skipped is not None:
+                skipped[entry.name] = str(e)
     return found

@@ -2,9 +2,10 @@
 their own sampling settings.
 
 Token choice, per row of the last position's logits z (float32):
-  - temperature 0: greedy, argmax z (the first of equal maxima, as `model.generate` takes it);
-  - otherwise p = softmax(z / temperature), then nucleus (top-p) filtering: keep the most likely
-    tokens, in order, while the mass before each is below top_p (so at least one is kept), and
+  - temperature 0 (or one that is 0 in float32): greedy, argmax z (the first of equal maxima, as
+    `model.generate` takes it);
+  - otherwise p = softmax((z - max z) / temperature), then nucleus (top-p) filtering: keep the
+    most likely token and, in order, each next one while the mass before it is below top_p, and
     draw from what is kept with the row's own generator. A request with a seed gets a generator
     seeded with it, so its samples do not depend on the other rows in the batch.
 
@@ -50,22 +51,37 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return gen
 
 
-def choose_tokens(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row of `logits` (B, V), greedy or sampled per row."""
-    chosen = logits.argmax(-1)                                                   # (B,)
-    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+def choose_tokens(logits: Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator]) -> list[int | None]:
+    """One token per row of `logits` (B, V), greedy or sampled per row; None for a row whose
+    logits hold NaN or +inf, or are all -inf (an adapter holding NaN gives that): there is nothing
+    to choose from, and the row's request must end with an error, not the batch.
+
+    Safe for every temperature in [0, 2] and top_p in (0, 1]: a temperature that is 0 in float32
+    (1e-50) is greedy; the best logit is subtracted before dividing, so z / t stays <= 0 and a tiny
+    temperature (a float32 subnormal such as 1e-40) cannot overflow to inf; the most likely token
+    is always kept, so a top_p that rounds to 0 (1e-300) is top-1."""
+    chosen: list[int | None] = logits.argmax(-1).tolist()
+    best = logits.amax(-1)                                                                     # (B,), NaN propagates
+    for i in (~torch.isfinite(best)).nonzero().flatten().tolist():
+        chosen[i] = None
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)                 # (B,)
+    sampled = [i for i in (temps > 0).nonzero().flatten().tolist() if chosen[i] is not None]
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
-        temps = torch.tensor([params[i].temperature for i in sampled], device=logits.device)      # (S,)
-        top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)            # (S,)
-        probs = torch.softmax(logits[index].float() / temps[:, None], dim=-1)                    # (S, V)
-        ranked, order = probs.sort(dim=-1, descending=True)                                      # (S, V)
-        before = ranked.cumsum(-1) - ranked                                                       # mass before each
-        ranked = ranked.masked_fill(before >= top_p[:, None], 0.0)
+        t = temps[sampled].to(logits.device)                                                   # (S,)
+        top_p = torch.tensor([params[i].top_p for i in sampled], dtype=torch.float32, device=logits.device)   # (S,)
+        z = logits[index].float() - best[index].float()[:, None]                               # (S, V), <= 0
+        probs = torch.softmax(z / t[:, None], dim=-1)                                          # (S, V)
+        ranked, order = probs.sort(dim=-1, descending=True)                                    # (S, V)
+        before = ranked.cumsum(-1) - ranked                                                     # mass before each
+        drop = before >= top_p[:, None]
+        drop[:, 0] = False
+        ranked = ranked.masked_fill(drop, 0.0)
         for j, i in enumerate(sampled):
-            k = torch.multinomial(ranked[j], 1, generator=generators[i])                         # (1,)
-            chosen[i] = order[j, k[0]]
-    return chosen.tolist()
+            k = torch.multinomial(ranked[j], 1, generator=generators[i])                       # (1,)
+            chosen[i] = int(order[j, k[0]])
+    return chosen
 
 
 class TextStream:

@@ -1,6 +1,12 @@
 """`lorakit serve`: load the base model, its adapters and the router, and run the app under
 uvicorn until SIGINT / SIGTERM.
 
+An adapter given by name (`--adapter NAME=DIR`) that cannot be loaded or served stops the start:
+the operator asked for it. A subdirectory of `--adapters-dir` that cannot (its shapes do not fit
+the base, it is DoRA, it has no safetensors, ...) is logged with the reason, listed under
+"skipped" in `/health`, and the others are served: one bad directory must not take the server
+down.
+
 Shutdown is graceful: uvicorn stops accepting connections and waits up to `shutdown_timeout_s`
 for the responses in flight; then the engine fails whatever is still running (503) and stops.
 """
@@ -8,12 +14,15 @@ for the responses in flight; then the engine fails whatever is still running (50
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..compose.per_sample import StackedAdapters
+from ..compose.router import Router
 from ..errors import LoraError
+from ..inject import delete_adapter
 from ..io import load_adapter
-from ..train.model_io import load_model, load_tokenizer
+from ..model_io import load_model, load_tokenizer
 from .config import ServeConfig
 from .engine import Engine
 from .registry import check_adapter_files, check_adapter_name, discover_adapters
@@ -28,6 +37,8 @@ class Loaded:
     engine: Engine
     base_name: str
     adapters_dir: Path | None
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Subdirectories of the adapters dir not served: {name: reason}."""
 
 
 def load_server(model: str, adapters: list[str], adapters_dir: str | None = None, router: str | None = None,
@@ -42,13 +53,13 @@ def load_server(model: str, adapters: list[str], adapters_dir: str | None = None
         if not sep or not path:
             raise LoraError(f"--adapter {spec!r} must be NAME=DIR, e.g. --adapter sql=runs/sql")
         pairs.append((check_adapter_name(name, base_name), Path(path)))
-    root = None
+    given = {name for name, _ in pairs}
+    root, skipped = None, {}
     if adapters_dir is not None:
         root = Path(adapters_dir).resolve()
         if not root.is_dir():
             raise FileNotFoundError(f"--adapters-dir {adapters_dir} is not a directory")
-        given = {name for name, _ in pairs}
-        pairs += [(name, path) for name, path in discover_adapters(root, base_name) if name not in given]
+        pairs += [(name, path) for name, path in discover_adapters(root, base_name, skipped) if name not in given]
     seen = [name for name, _ in pairs]
     duplicates = sorted({n for n in seen if seen.count(n) > 1})
     if duplicates:
@@ -56,16 +67,33 @@ def load_server(model: str, adapters: list[str], adapters_dir: str | None = None
     net = load_model(model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model)
     for name, path in pairs:
-        check_adapter_files(path)
-        load_adapter(net, path, name=name, activate=False)
+        if name in given:
+            check_adapter_files(path)
+            load_adapter(net, path, name=name, activate=False)
+        else:
+            try:
+                _load_servable(net, name, path)
+            except (LoraError, OSError) as e:
+                log.warning("adapters dir: skipping %s: %s", name, e)
+                skipped[name] = str(e)
+                continue
         log.info("adapter %s from %s", name, path)
     routing = None
     if router is not None:
-        from ..compose.router import Router
-
         routing = Router.load(router, net, tokenizer)
     engine = Engine(net, tokenizer, config, routing)
-    return Loaded(engine, base_name, root)
+    return Loaded(engine, base_name, root, skipped)
+
+
+def _load_servable(net, name: str, path: Path) -> None:
+    """Load `name` and check it can be served per row (what `Engine` needs of every adapter);
+    on failure the model is left without it."""
+    load_adapter(net, path, name=name, activate=False)
+    try:
+        StackedAdapters(net, [name])
+    except LoraError:
+        delete_adapter(net, name)
+        raise
 
 
 def run(loaded: Loaded, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
@@ -74,7 +102,7 @@ def run(loaded: Loaded, host: str = "127.0.0.1", port: int = 8000, log_level: st
 
     from .app import create_app
 
-    app = create_app(loaded.engine, loaded.base_name, loaded.adapters_dir)
+    app = create_app(loaded.engine, loaded.base_name, loaded.adapters_dir, loaded.skipped)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=int(loaded.engine.config.shutdown_timeout_s + 0.999))
     server = uvicorn.Server(config)

@@ -22,20 +22,19 @@ shard. Each process draws its own dropout masks, so its RNG states are kept unde
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import LoraError
+from ..files import atomic_dir, read_safetensors
 from ..io import gather_full, shard_like
 from .distributed import Dist
 from .trainee import Trainee
@@ -81,19 +80,11 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
             tensors[_rng_key(rank, key)] = v
     if not dist.is_main:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_dir(target, overwrite=True) as tmp:   # the same step again (a resumed run re-saving): replaced whole
         trainee.write(tmp, trained)
         save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
         (tmp / "trainer_state.json").write_text(json.dumps({**state.__dict__, "param_groups": groups}, indent=2))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        if target.exists():   # the same step again (a resumed run re-saving): replace it whole
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -145,7 +136,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                         f"{dist.world}; the global batch depends on it, so resume with --nproc {saved_world} "
                         "or start a new output.dir")
     trainee.load_weights(model, path)
-    tensors = load_file(path / "optimizer.safetensors")
+    tensors = read_safetensors(path / "optimizer.safetensors", "a checkpoint directory holds the optimizer state")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("state."):

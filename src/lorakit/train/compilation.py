@@ -23,18 +23,25 @@ from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import ConfigError
+from ..patching import ForwardPatches
 from .distributed import decoder_layers
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
-    """Give every decoder layer of `model` a compiled forward (module docstring); returns how many."""
+def compile_decoder_layers(model: nn.Module) -> ForwardPatches:
+    """Give every decoder layer of `model` a compiled forward (module docstring), as instance
+    forwards (`lorakit.patching`): `remove()` on the result gives the layers their eager forward back."""
     layers = decoder_layers(model)
     if not layers:
         raise ConfigError(f"training.compile: found no decoder layers (a ModuleList of alike blocks) in "
                           f"{type(model).__name__}; set training.compile=false")
-    for layer in layers:
-        layer.forward = _compiled_for_training(layer.forward)   # an instance attribute: the class is untouched
-    return len(layers)
+    patches = ForwardPatches()
+    try:
+        for layer in layers:
+            patches.add(layer, _compiled_for_training(layer.forward))
+    except BaseException:
+        patches.remove()
+        raise
+    return patches
 
 
 def _compiled_for_training(eager):

@@ -7,38 +7,41 @@
     training:  optimiser, schedule, batch, precision, evaluation, checkpoints, resume
     output:    where the run is written and what is exported
 
-Validated once here, at the edge; the rest of the code trusts these objects.
+Validated once here, at the edge; the rest of the code trusts these objects. A field with a
+fixed set of values is a `Literal`: `lorakit.schema.check_choices` checks it, and `--help`, the
+CLI's `choices` and the README reference read the values from the type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ..builtin.model import BUILTIN_MODEL
 from ..builtin.tasks import BUILTIN_DATA
 from ..compose.fusion import FusionConfig
-from ..compose.mixture import KINDS as MIXTURE_KINDS
 from ..compose.mixture import MixtureConfig
+from ..compose.mixture_files import KindName
 from ..config import LoraConfig
+from ..dtypes import DtypeChoice
 from ..errors import ConfigError
-from ..inject import _NAME_RE as NAME_RE
-from ..quantize import QUANTIZE_BASE
-from ..schema import apply_overrides, from_dict, load_yaml
+from ..inject import NAME_RE
+from ..quantize import QuantizeBase
+from ..schema import apply_overrides, check_choices, from_dict, load_yaml
 
-DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-SCHEDULES = ("constant", "linear", "cosine")
-STRATEGIES = ("single", "ddp", "fsdp")
-KERNELS = ("auto", "triton", "torch")
+DataFormat = Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"]
+DATA_FORMATS = get_args(DataFormat)
+Schedule = Literal["constant", "linear", "cosine"]
+Strategy = Literal["single", "ddp", "fsdp"]
+KernelChoice = Literal["auto", "triton", "torch"]
 
 
 @dataclass
 class ModelSection:
     name_or_path: str = BUILTIN_MODEL
     """Hub id or local directory of a causal LM; "lorakit/tiny-llama" is the built-in offline model."""
-    dtype: str = "auto"
-    """Weight dtype: auto (bf16 where supported on GPU, else fp32), fp32, bf16, fp16."""
+    dtype: DtypeChoice = "auto"
+    """Weight dtype; auto is bf16 where the GPU supports it, else fp32."""
     device: str = "auto"
     """cuda, cpu, cuda:1, ... or auto (cuda if available)."""
     attn_implementation: str = "sdpa"
@@ -47,15 +50,11 @@ class ModelSection:
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository (only for models you trust)."""
-    quantize_base: str = "none"
-    """none, or nf4 (QLoRA): the frozen linear layers in 4-bit NF4 (bitsandbytes), computing in `dtype`."""
+    quantize_base: QuantizeBase = "none"
+    """nf4 (QLoRA): the frozen linear layers in 4-bit NF4 (bitsandbytes), computing in `dtype`."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.quantize_base not in QUANTIZE_BASE:
-            raise ConfigError(f"model.quantize_base must be one of {', '.join(QUANTIZE_BASE)}, "
-                              f"got {self.quantize_base!r}")
+        check_choices(self, "model")
         if not self.name_or_path:
             raise ConfigError("model.name_or_path is empty; give a hub id or a local model directory")
 
@@ -68,8 +67,8 @@ class DataSection:
     """Evaluation data in the same forms; None holds out `eval_fraction` of the training data."""
     eval_fraction: float = 0.0
     """Share of the training data held out for evaluation when `eval` is None."""
-    format: str = "auto"
-    """auto, alpaca, chat, sharegpt, prompt_completion or text."""
+    format: DataFormat = "auto"
+    """The records' format; auto tells it from each record's keys."""
     columns: dict[str, str] = field(default_factory=dict)
     """Rename columns to the format's names, e.g. {question: instruction, answer: output}."""
     chat_template: str | None = None
@@ -86,8 +85,7 @@ class DataSection:
     """Use at most this many training samples (after shuffling with the seed)."""
 
     def __post_init__(self) -> None:
-        if self.format not in DATA_FORMATS:
-            raise ConfigError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
+        check_choices(self, "data")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
         if self.max_seq_len < 2:
@@ -112,16 +110,16 @@ class TrainingSection:
     """LoRA+: B matrices learn this many times faster than A (e.g. 16); None for plain LoRA."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    schedule: str = "cosine"
-    """Learning-rate schedule after warmup: constant, linear or cosine (to zero)."""
+    schedule: Schedule = "cosine"
+    """Learning-rate schedule after warmup (linear and cosine decay to zero)."""
     warmup_steps: int = 0
     """Linear warmup steps from 0 to lr."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this; None disables clipping."""
     seed: int = 0
     """Seed for initialisation, shuffling and dropout."""
-    bf16: bool | str = "auto"
-    """bf16 autocast: auto (on a GPU that supports it), true or false."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bf16 autocast; auto: on a GPU that supports it."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in backward to save activation memory."""
     offload_activations: bool = False
@@ -130,8 +128,8 @@ class TrainingSection:
     """Loss from the last hidden states a chunk of rows at a time, never the full fp32 logits (same loss and gradients; models it cannot handle use the full logits)."""
     compile: bool = False
     """torch.compile each decoder layer for the training steps (the first steps compile, slowly; worth it on long GPU runs)."""
-    kernels: str = "auto"
-    """Triton kernels for RMSNorm, SwiGLU, RoPE, the adapters' dropout and the chunked loss's softmax: triton, torch, or auto (triton on CUDA when triton is installed and training.compile is off)."""
+    kernels: KernelChoice = "auto"
+    """Triton kernels for RMSNorm, SwiGLU, RoPE, the adapters' dropout and the chunked loss's softmax, or the torch code they replace; auto: triton on CUDA when triton is installed and training.compile is off."""
     eval_every: int = 0
     """Evaluate every N optimizer steps (0: only at the start and the end)."""
     save_every: int = 0
@@ -142,10 +140,11 @@ class TrainingSection:
     """Write a metrics row every N optimizer steps."""
     resume: str | None = None
     """Continue from a checkpoint: "auto" (the newest in the output dir) or a checkpoint path."""
-    strategy: str = "single"
-    """single, ddp or fsdp (FSDP2: the frozen base is sharded); ddp/fsdp need torchrun or --nproc."""
+    strategy: Strategy = "single"
+    """One process, or several: ddp replicates the model, fsdp (FSDP2) shards the frozen base; both need torchrun or --nproc."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "training")
         checks = [
             (self.epochs > 0, "training.epochs must be > 0"),
             (self.max_steps is None or self.max_steps >= 1, "training.max_steps must be >= 1 or null"),
@@ -153,15 +152,11 @@ class TrainingSection:
             (self.grad_accum >= 1, "training.grad_accum must be >= 1"),
             (self.lr > 0, "training.lr must be > 0"),
             (self.lora_plus_ratio is None or self.lora_plus_ratio > 0, "training.lora_plus_ratio must be > 0 or null"),
-            (self.schedule in SCHEDULES, f"training.schedule must be one of {', '.join(SCHEDULES)}"),
             (self.warmup_steps >= 0, "training.warmup_steps must be >= 0"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "training.max_grad_norm must be > 0 or null"),
-            (str(self.bf16).lower() in ("auto", "true", "false"), "training.bf16 must be auto, true or false"),
             (self.eval_every >= 0 and self.save_every >= 0 and self.log_every >= 1,
              "training.eval_every and save_every must be >= 0, log_every >= 1"),
             (self.keep_last >= 1, "training.keep_last must be >= 1"),
-            (self.strategy in STRATEGIES, f"training.strategy must be one of {', '.join(STRATEGIES)}"),
-            (self.kernels in KERNELS, f"training.kernels must be one of {', '.join(KERNELS)}"),
             (not (self.kernels == "triton" and self.compile),
              "training.kernels: triton and training.compile: true exclude each other: torch.compile writes its "
              "own Triton kernels for these ops (and lorakit's would break its graphs); keep one, or set "
@@ -173,14 +168,13 @@ class TrainingSection:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        self.bf16 = str(self.bf16).lower()
 
 
 @dataclass
 class MixtureSection:
     experts: dict[str, str] = field(default_factory=dict)
     """Expert name -> saved adapter directory; when set, these are mixed instead of training `lora`."""
-    kind: str = "moe"
+    kind: KindName = "moe"
     """moe (a gate mixes the experts per token) or fusion (AdapterFusion: attention over their outputs)."""
     train_experts: bool = False
     """moe: train the experts jointly with the gate; false trains the gate alone (fusion: always frozen)."""
@@ -194,8 +188,7 @@ class MixtureSection:
     """The fusion layer of every layer (kind fusion)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in MIXTURE_KINDS:
-            raise ConfigError(f"mixture.kind must be one of {', '.join(MIXTURE_KINDS)}, got {self.kind!r}")
+        check_choices(self, "mixture")
         bad = {k: v for k, v in self.experts.items() if not isinstance(v, str) or not v}
         if bad:
             raise ConfigError(f"mixture.experts maps expert names to adapter directories; {bad} is not a path")
@@ -238,7 +231,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     """Which base model and how to load it."""
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    """The adapter: every lorakit.LoraConfig (PEFT) field."""
+    """The adapter: every lorakit.LoraConfig (PEFT) field. r, lora_alpha and target_modules depart from PEFT's defaults to where `lorakit plan` suggests a run start (every linear layer, alpha = 2r)."""
     mixture: MixtureSection = field(default_factory=MixtureSection)
     """A mixture of LoRA experts or AdapterFusion over saved adapters, trained instead of `lora`."""
     data: DataSection = field(default_factory=DataSection)
@@ -261,10 +254,6 @@ class TrainConfig:
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (None: all defaults), apply `key.sub=value` overrides, validate."""
     data: dict[str, Any] = load_yaml(path) if path else {}
-    lora = data.get("lora")
-    if lora is None or isinstance(lora, dict):
-        # the lora section starts from the train defaults, not LoraConfig's bare ones
-        data["lora"] = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", **(lora or {})}
     apply_overrides(data, overrides or [])
     try:
         return from_dict(TrainConfig, data)

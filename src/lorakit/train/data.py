@@ -5,6 +5,7 @@ truncate, split off evaluation data, pack and collate.
         --detect_format / to_example-->  Example(input_ids, labels)      labels = -100 off the trained span
         --build_datasets-->  truncated, counted, split (train, eval, DataReport)
         --pack (optional) / collate-->  tensors for the model
+    RowStream: the order the training rows are taken in, one seeded permutation per epoch
 
 Formats (detected per record from its keys, or forced with `data.format`; `data.columns` renames
 columns first):
@@ -44,6 +45,7 @@ from typing import Any
 
 import torch
 
+from ..builtin.tasks import builtin_data_files
 from ..errors import LoraError
 from .config import BUILTIN_DATA, DATA_FORMATS, DataSection
 
@@ -162,8 +164,6 @@ def load_records(spec: str | list[str], columns: dict[str, str], split: str = "t
 
 def _read_source(spec: str, split: str) -> list[tuple[dict, str]]:
     if spec == BUILTIN_DATA:
-        # imported here: only the built-in data needs it
-        from ..builtin.tasks import builtin_data_files
         return _read_jsonl(Path(builtin_data_files()["eval" if split == "eval" else "train"]))
     if spec.startswith("hf:"):
         return _read_hub(spec, split)
@@ -578,3 +578,35 @@ def collate(rows: list[Example] | list[PackedRow], pad_id: int) -> dict[str, tor
         else:
             extra[b, :n] = 1
     return {"input_ids": input_ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+
+
+class RowStream:
+    """Rows in the order of seeded per-epoch permutations, from a resumable (epoch, position).
+
+    The order is a pure function of (seed, epoch), so (epoch, position) is all the data state a
+    checkpoint needs: a resumed run takes exactly the rows the interrupted run would have taken.
+    """
+
+    def __init__(self, n_rows: int, seed: int, epoch: int = 0, position: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.position = n_rows, seed, epoch, position
+        self._order = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch)).tolist()
+
+    def take(self, count: int) -> list[int]:
+        """The indices of the next `count` rows, running on into the next epoch's order."""
+        out = []
+        while len(out) < count:
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            k = min(count - len(out), self.n - self.position)
+            out.extend(self._order[self.position:self.position + k])
+            self.position += k
+        return out
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs trained so far, fractional (the metrics' `epoch` column)."""
+        return self.epoch + self.position / max(self.n, 1)

@@ -3,7 +3,6 @@ against the reference answers (the held-out task metric)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -70,29 +69,3 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], devic
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
-
-
-def run_eval(config: str | None, overrides: list[str], data: str | None = None, model: str | None = None,
-             adapters: list[str] | None = None, batch_size: int = 8) -> EvalResult:
-    """`lorakit eval`: the config's model with its trained adapter (output.dir) or the given ones,
-    on the config's evaluation data or on `data`."""
-    from pathlib import Path
-
-    from ..errors import LoraError
-    from ..generate import load_for_inference
-    from .config import load_config
-    from .data import build_datasets
-
-    cfg = load_config(config, overrides)
-    if adapters is None and (Path(cfg.output.dir) / "adapter_config.json").is_file():
-        adapters = [cfg.output.dir]
-    net, tokenizer = load_for_inference(model or cfg.model.name_or_path, adapters or [], cfg.model.dtype,
-                                        cfg.model.device)
-    if data is not None:
-        section = dataclasses.replace(cfg.data, train=data, eval=None, eval_fraction=0.0, max_samples=None)
-        examples, _, _ = build_datasets(section, tokenizer, cfg.training.seed)
-    else:
-        _, examples, _ = build_datasets(cfg.data, tokenizer, cfg.training.seed)
-    if not examples:
-        raise LoraError("no evaluation data: set data.eval or data.eval_fraction in the config, or pass --data FILE")
-    return evaluate(net, tokenizer, examples, batch_size, net.device)

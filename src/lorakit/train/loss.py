@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..kernels.common import runs_on
 from ..layers import ModulesToSave
 from ..ops.chunked_ce import KERNEL_DTYPES, chunked_cross_entropy
+from ..patching import ForwardPatches, replaced_forward
 from .data import IGNORE_INDEX
 
 # models seen to change their logits after the output head: the plain path for them from then on
@@ -52,7 +53,7 @@ def loss_sum(model: nn.Module, batch: dict[str, Tensor], chunked: bool = False,
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]                                       # (B, T-1): token t predicts t+1
-    n = (targets != IGNORE_INDEX).sum()
+    n = trained_tokens(labels)
     inner = _unwrap(model)
     head = _chunkable_head(inner) if chunked and inner not in _HEAD_OUTPUT_CHANGED else None
     if head is not None:
@@ -77,6 +78,12 @@ def loss_sum(model: nn.Module, batch: dict[str, Tensor], chunked: bool = False,
     return loss, n
 
 
+def trained_tokens(labels: Tensor) -> Tensor:
+    """The number of positions `loss_sum` sums over for these (unshifted) labels. The loop needs it
+    before the forward: a step divides by the trained tokens of all its micro-batches."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
 def _chunked_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, kernel: bool) -> Tensor:
     """The loss from the head's input hidden (B, T, d), in the dtype `F.linear` would compute in."""
     device_type = hidden.device.type
@@ -97,7 +104,7 @@ def _chunkable_head(model: nn.Module) -> nn.Module | None:
     """The output head whose input the chunked loss can take, or None for the plain path."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None and not isinstance(model, FSDPModule) else None
-    if head is None or not isinstance(_linear_of(head), nn.Linear) or "forward" in vars(head):
+    if head is None or not isinstance(_linear_of(head), nn.Linear) or replaced_forward(head) is not None:
         return None
     return head
 
@@ -124,11 +131,12 @@ class _HeadCapture:
         return self.placeholder
 
     def __enter__(self) -> _HeadCapture:
-        self.head.forward = self._forward      # an instance attribute shadows the class's forward
+        self._patch = ForwardPatches()         # lorakit.patching: an instance forward, undone on exit
+        self._patch.add(self.head, self._forward)
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.head.forward
+        self._patch.remove()
 
     def exact_for(self, logits: Tensor, labels_shape: torch.Size) -> bool:
         """The model called the head once, on every position, and returned its output untouched."""

@@ -22,14 +22,8 @@ from torch import Tensor, nn
 
 from .. import inject, io
 from ..compose.fusion import add_fusion
-from ..compose.mixture import (
-    MixtureFiles,
-    add_mixture,
-    gather_mixture,
-    load_mixture_weights,
-    mixture_aux_loss,
-    write_mixture,
-)
+from ..compose.mixture import add_mixture, mixture_aux_loss
+from ..compose.mixture_files import MixtureFiles, gather_mixture, load_mixture_weights, write_mixture
 from .config import TrainConfig
 
 ADAPTER = "default"

@@ -17,8 +17,10 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .common import on_device_of
+from ..kernels.common import on_device_of
+from ..ops import pack_bits, unpack_bits
 
 # Within rounding: bf16 (fp16) results are compared at 2^-6 (2^-9) of each tensor's scale (a kernel's rounding
 # may differ by a unit in the last place from PyTorch's; a wrong index or sign is off by the scale).
@@ -42,11 +44,9 @@ def _outputs_and_grads(fn, inputs: list[Tensor], seed: int) -> list[Tensor]:
 
 def _cases(device: torch.device, dtype: torch.dtype):
     """(name, kernel function, reference function, inputs) for each kernel."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    from .rms_norm import rms_norm
-    from .rope import rope
-    from .swiglu import swiglu
+    from ..kernels.rms_norm import rms_norm
+    from ..kernels.rope import rope
+    from ..kernels.swiglu import swiglu
 
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -66,7 +66,7 @@ def _cases(device: torch.device, dtype: torch.dtype):
 
 
 def _cross_entropy_problem(device: torch.device, dtype: torch.dtype) -> str | None:
-    from .cross_entropy import cross_entropy_rows_
+    from ..kernels.cross_entropy import cross_entropy_rows_
 
     gen = torch.Generator(device=device).manual_seed(1)
     z = (3 * torch.randn(6, 5000, generator=gen, device=device)).to(dtype)   # > one block of the vocab
@@ -81,14 +81,13 @@ def _cross_entropy_problem(device: torch.device, dtype: torch.dtype) -> str | No
 
 
 def _dropout_problem(device: torch.device, dtype: torch.dtype) -> str | None:
-    from ..ops.lora_linear import _pack_bits, _unpack_bits
-    from .dropout import dropout_apply, dropout_pack
+    from ..kernels.dropout import dropout_apply, dropout_pack
 
     x = torch.randn(64, 203, generator=torch.Generator(device=device).manual_seed(3), device=device).to(dtype)
     xd, bits = dropout_pack(x, 0.5, 17)
-    keep = _unpack_bits(bits, x.shape).bool()                         # (64, 203)
+    keep = unpack_bits(bits, x.shape).bool()                         # (64, 203)
     rate = keep.float().mean().item()
-    if not (torch.equal(bits, _pack_bits(keep)) and torch.equal(xd, x * keep)
+    if not (torch.equal(bits, pack_bits(keep)) and torch.equal(xd, x * keep)
             and torch.equal(dropout_apply(x, bits), x * keep) and abs(rate - 0.5) < 5 * 0.5 / x.numel() ** 0.5):
         return f"dropout ({dtype}) differs from its mask's bits (kept {rate:.3f} of entries at p=0.5)"
     return None

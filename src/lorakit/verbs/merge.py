@@ -5,20 +5,18 @@ directory (config, sharded safetensors, tokenizer, generation config) that
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
-from .errors import LoraError
-from .inject import unload
-from .io import load_adapter, read_adapter_config
-from .quantize import dequantize_linears
-from .train.model_io import load_model, load_tokenizer
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ..dtypes import TORCH_DTYPES
+from ..errors import LoraError
+from ..files import atomic_dir
+from ..inject import unload
+from ..io import base_model_of, load_adapter
+from ..model_io import load_model, load_tokenizer
+from ..quantize import dequantize_linears
 
 
 def merge_to_model_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
@@ -32,12 +30,9 @@ def merge_to_model_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLik
     (merging into the original weights instead would add the quantization error back). None
     takes `model.quantize_base` from `config.yaml` when `adapter_dir` is a `lorakit train` run
     directory, and "none" otherwise."""
-    config = read_adapter_config(adapter_dir)
-    base = base or config.base_model_name_or_path
-    if not base:
-        raise LoraError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base MODEL")
-    if dtype is not None and dtype not in _DTYPES:
-        raise LoraError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    base = base or base_model_of(adapter_dir)
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise LoraError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise LoraError(f"{out} exists and is not empty; remove it or choose another --out")
@@ -46,22 +41,14 @@ def merge_to_model_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLik
     load_adapter(model, adapter_dir)
     model = unload(model, merge=True)
     dequantize_linears(model)   # 4-bit layers the adapter did not target (unload dequantized the others)
-    target_dtype = _DTYPES[dtype] if dtype else (original_dtype or torch.float32)
+    target_dtype = TORCH_DTYPES[dtype] if dtype else (original_dtype or torch.float32)
     model.to(target_dtype)
     has_tokenizer = any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -4,15 +4,16 @@ or from a merged model directory; greedy or sampled, streamed token by token."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import torch
 from transformers import TextStreamer
 
-from .errors import LoraError
-from .inject import set_active_adapters
-from .io import load_adapter, read_adapter_config
-from .train.model_io import load_model, load_tokenizer
+from ..errors import LoraError
+from ..inject import set_active_adapters
+from ..io import base_model_of, load_adapter
+from ..model_io import encode_prompt, load_model, load_tokenizer
 
 
 def load_for_inference(model: str | None, adapters: list[str], dtype: str = "auto", device: str = "auto"):
@@ -20,9 +21,7 @@ def load_for_inference(model: str | None, adapters: list[str], dtype: str = "aut
     if model is None:
         if not adapters:
             raise LoraError("give --model (a model directory or hub id) or at least one --adapter")
-        model = read_adapter_config(adapters[0]).base_model_name_or_path
-        if not model:
-            raise LoraError(f"{adapters[0]}/adapter_config.json names no base model; pass --model")
+        model = base_model_of(adapters[0], "--model")
     net = load_model(model, dtype=dtype, device=device)
     tokenizer_source = adapters[0] if adapters and _has_tokenizer(adapters[0]) else model
     tokenizer = load_tokenizer(tokenizer_source)
@@ -37,8 +36,6 @@ def load_for_inference(model: str | None, adapters: list[str], dtype: str = "aut
 
 
 def _has_tokenizer(path: str) -> bool:
-    from pathlib import Path
-
     return (Path(path) / "tokenizer_config.json").is_file()
 
 
@@ -59,20 +56,6 @@ def generate_text(model, tokenizer, prompt: str | None = None, messages: list[di
                              top_p=top_p if sampling else None, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, streamer=streamer)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def encode_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-    """The token ids generation starts from: raw text with the tokenizer's special tokens, or chat
-    messages through the chat template (which writes its own). `lorakit serve` encodes the same way,
-    so a request equals `lorakit generate` with the same adapter."""
-    if (prompt is None) == (messages is None):
-        raise LoraError("give exactly one of a prompt or chat messages")
-    if messages is not None:
-        if not tokenizer.chat_template:
-            raise LoraError("this tokenizer has no chat template; use --prompt, or a model with a chat template")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer(prompt).input_ids
 
 
 class _Streamer(TextStreamer):

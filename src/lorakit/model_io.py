@@ -1,16 +1,16 @@
-"""Load the base model and tokenizer for training and inference: hub id, local directory, or
-the built-in tiny model, all through `from_pretrained`."""
+"""Load the base model and tokenizer for every verb (train, merge, combine, eval, generate, serve,
+plan): hub id, local directory, or the built-in tiny model, all through `from_pretrained`; and
+turn a prompt or chat messages into the token ids generation starts from."""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..builtin.model import BUILTIN_MODEL, builtin_model_dir
-from ..errors import ConfigError
-from ..quantize import QUANTIZE_BASE, quantize_linears
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .builtin.model import BUILTIN_MODEL, builtin_model_dir
+from .dtypes import TORCH_DTYPES
+from .errors import ConfigError, LoraError
+from .quantize import QUANTIZE_BASE, quantize_linears
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -31,7 +31,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    return _DTYPES[dtype]
+    return TORCH_DTYPES[dtype]
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None,
@@ -67,3 +67,17 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", att
     if quantize_base == "nf4" and quantize_linears(model, torch_dtype, dev) == 0:
         raise ConfigError(f"quantize_base=nf4: {name_or_path} has no linear layer besides the output head to quantize")
     return model.to(dev).eval()
+
+
+def encode_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    """The token ids generation starts from: raw text with the tokenizer's special tokens, or chat
+    messages through the chat template (which writes its own). `lorakit serve` encodes the same way,
+    so a request equals `lorakit generate` with the same adapter."""
+    if (prompt is None) == (messages is None):
+        raise LoraError("give exactly one of a prompt or chat messages")
+    if messages is not None:
+        if not tokenizer.chat_template:
+            raise LoraError("this tokenizer has no chat template; use --prompt, or a model with a chat template")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids

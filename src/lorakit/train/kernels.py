@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.models.llama import modeling_llama
 
+from ..kernels.common import SUPPORTED_DTYPES, interpreting, runs_on, triton_importable
 from ..layers import LoraLinear
 from ..ops import recompute
-from . import selfcheck
-from .common import SUPPORTED_DTYPES, interpreting, kernels_configured, runs_on, triton_importable
+from ..patching import ForwardPatches, replaced_forward
+from . import kernel_check
 
 
 def _same_code(f: Callable, g: Callable) -> bool:
@@ -51,17 +53,12 @@ def _same_code(f: Callable, g: Callable) -> bool:
     return a.co_code == b.co_code and a.co_names == b.co_names and consts(a) == consts(b)
 
 
-def _llama():
-    from transformers.models.llama import modeling_llama
-    return modeling_llama
-
-
 def _is_rms_norm(module: nn.Module) -> bool:
-    return _same_code(type(module).forward, _llama().LlamaRMSNorm.forward)
+    return _same_code(type(module).forward, modeling_llama.LlamaRMSNorm.forward)
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
-    if not _same_code(type(module).forward, _llama().LlamaMLP.forward):
+    if not _same_code(type(module).forward, modeling_llama.LlamaMLP.forward):
         return False
     act = getattr(module, "act_fn", None)
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
@@ -86,13 +83,13 @@ def _takes(*tensors: Tensor) -> bool:
 def _norm_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
     if not _takes(hidden_states, self.weight) or hidden_states.shape[-1] > MAX_NORM_WIDTH:
         return type(self).forward(self, hidden_states)
-    from .rms_norm import rms_norm
+    from ..kernels.rms_norm import rms_norm
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _product(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up by the kernel, registered so that an adapter reading it rebuilds it."""
-    from .swiglu import swiglu
+    from ..kernels.swiglu import swiglu
     out = swiglu(gate, up)
     if gate.requires_grad and up.requires_grad:
         # swiglu's backward keeps gate and up: rebuilding the product from them keeps nothing more
@@ -142,7 +139,7 @@ def _rope_dispatch(original: Callable) -> Callable:
         if not (plain and _IN_PATCHED_ATTENTION.get() and _takes(q, k, cos, sin) and q.dtype == k.dtype
                 and cos.dtype == sin.dtype and not cos.requires_grad and not sin.requires_grad):
             return original(q, k, cos, sin, *args, **kwargs)
-        from .rope import rope
+        from ..kernels.rope import rope
         return rope(q, k, cos, sin, unsqueeze_dim)
     apply_rotary_pos_emb.__wrapped__ = original
     return apply_rotary_pos_emb
@@ -157,6 +154,8 @@ class KernelPatch:
     attentions: list[nn.Module] = field(default_factory=list)
     adapted: list[nn.Module] = field(default_factory=list)
     rope_modules: list[types.ModuleType] = field(default_factory=list)
+    forwards: ForwardPatches = field(default_factory=ForwardPatches)
+    """The replaced forwards of `norms`, `mlps` and `attentions` (lorakit.patching)."""
 
     def describe(self) -> str:
         return (f"Triton kernels: {len(self.norms)} RMSNorm, {len(self.mlps)} SwiGLU MLP, "
@@ -164,10 +163,7 @@ class KernelPatch:
                 "layers, the chunked loss")
 
     def remove(self) -> None:
-        for module in self.norms + self.mlps + self.attentions:
-            forward = vars(module).get("forward")
-            if getattr(forward, "__func__", None) in _REPLACEMENTS:    # not a later patch by someone else
-                del module.forward
+        self.forwards.remove()
         for module in self.adapted:
             vars(module).pop("dropout_kernel", None)
         for mod in self.rope_modules:
@@ -204,23 +200,23 @@ def _patch(model: nn.Module, patch: KernelPatch) -> None:
 
 
 def _patch_modules(model: nn.Module, patch: KernelPatch, foreign: list[str]) -> None:
-    llama_rope = _llama().apply_rotary_pos_emb
+    llama_rope = modeling_llama.apply_rotary_pos_emb
     rope_original = getattr(llama_rope, "__wrapped__", llama_rope)   # Llama's, even once patched
     for module in model.modules():
         if isinstance(module, LoraLinear) and "dropout_kernel" not in vars(module):   # not an earlier patch's
             module.dropout_kernel = True
             patch.adapted.append(module)
-        if "forward" in vars(module):     # already replaced (by us or by someone else): leave it
-            forward = vars(module)["forward"]
+        forward = replaced_forward(module)
+        if forward is not None:     # already replaced (by us or by someone else): leave it
             if getattr(forward, "__func__", None) not in _REPLACEMENTS and (
                     _is_rms_norm(module) or _is_swiglu_mlp(module) or _calls_rope(module)):
                 foreign.append(type(module).__name__)
             continue
         if _is_rms_norm(module):
-            module.forward = types.MethodType(_norm_forward, module)
+            patch.forwards.add(module, types.MethodType(_norm_forward, module))
             patch.norms.append(module)
         elif _is_swiglu_mlp(module):
-            module.forward = types.MethodType(_mlp_forward, module)
+            patch.forwards.add(module, types.MethodType(_mlp_forward, module))
             patch.mlps.append(module)
         elif _calls_rope(module):
             mod = sys.modules[type(module).__module__]
@@ -233,14 +229,21 @@ def _patch_modules(model: nn.Module, patch: KernelPatch, foreign: list[str]) -> 
                     mod.apply_rotary_pos_emb = _rope_dispatch(mod.apply_rotary_pos_emb)
                 _ROPE_USERS[mod][1] += 1
                 patch.rope_modules.append(mod)
-            module.forward = types.MethodType(_attention_forward, module)
+            patch.forwards.add(module, types.MethodType(_attention_forward, module))
             patch.attentions.append(module)
+
+
+def kernels_configured(setting: str, device_type: str, compiling: bool) -> bool:
+    """Whether `training.kernels` asks for the kernels (before triton and the device are checked):
+    triton always; auto on CUDA, unless torch.compile runs (inductor writes its own Triton kernels
+    for these ops)."""
+    return setting == "triton" or (setting == "auto" and device_type == "cuda" and not compiling)
 
 
 def kernels_wanted(setting: str, device: torch.device, compiling: bool) -> bool:
     """`training.kernels`: triton, torch, or auto (triton on CUDA when it is installed, unless
     torch.compile runs: inductor then writes its own Triton kernels for these ops). Either way the
-    kernels must first pass `selfcheck.self_check` on the device: under auto a failure means
+    kernels must first pass `kernel_check.self_check` on the device: under auto a failure means
     PyTorch with a warning, under triton an error."""
     if setting == "triton":
         if not triton_importable():
@@ -250,14 +253,14 @@ def kernels_wanted(setting: str, device: torch.device, compiling: bool) -> bool:
             raise ValueError(f"training.kernels: triton runs on CUDA, not {device.type}; set training.kernels: "
                              "torch (or auto), or TRITON_INTERPRET=1 to run the kernels in Triton's "
                              "interpreter (slow: for tests)")
-        problem = selfcheck.self_check(device)
+        problem = kernel_check.self_check(device)
         if problem:
             raise RuntimeError(f"training.kernels: triton: the Triton kernels failed their check against "
                                f"PyTorch on {device}: {problem}; set training.kernels: torch")
         return True
     if not kernels_configured(setting, device.type, compiling) or not triton_importable():
         return False
-    problem = selfcheck.self_check(device)
+    problem = kernel_check.self_check(device)
     if problem:
         warnings.warn(f"training.kernels: auto: the Triton kernels failed their check against PyTorch on "
                       f"{device} ({problem}); this run uses the PyTorch path", stacklevel=2)

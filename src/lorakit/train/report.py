@@ -1,0 +1,86 @@
+"""What a run tells its user: the lines it prints, the evaluation columns of its metrics rows, the
+summary at the end and the model card (`README.md`) of the run directory."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .evaluate import EvalResult
+from .trainee import Trainee
+
+
+@dataclass
+class RunSummary:
+    """What `lorakit.train.loop.train` returns, and the model card and the final lines report."""
+    out_dir: Path
+    steps: int
+    eval_before: EvalResult | None
+    eval_after: EvalResult | None
+    tokens_per_s: float
+    peak_memory_bytes: int
+    losses: list[float]
+
+
+def printer(enabled: bool) -> Callable[[str], None]:
+    """Print on the main process only, above the progress bar rather than through it."""
+    def log(message: str) -> None:
+        if enabled:
+            tqdm.write(message, file=sys.stdout)
+    return log
+
+
+def eval_row(r: EvalResult) -> dict:
+    return {"eval_loss": r.loss, "eval_ppl": r.ppl, "eval_exact_match": r.exact_match}
+
+
+def eval_line(when: str, r: EvalResult) -> str:
+    return f"{when}: eval loss {r.loss:.4f} (perplexity {r.ppl:.2f}){_exact_match(r)} on {r.n_examples} examples"
+
+
+def _exact_match(r: EvalResult) -> str:
+    return f", exact match {r.exact_match:.1%}" if r.exact_match is not None else ""
+
+
+def model_card(cfg: TrainConfig, trainee: Trainee, s: RunSummary) -> str:
+    def ev(r: EvalResult | None) -> str:
+        return "n/a" if r is None else f"loss {r.loss:.4f}, perplexity {r.ppl:.2f}{_exact_match(r)}"
+
+    return f"""# {trainee.title} for {cfg.model.name_or_path}
+
+Trained with lorakit (`lorakit train`); the resolved configuration is in `config.yaml`.
+
+| | |
+|---|---|
+| base model | `{cfg.model.name_or_path}` |
+| trained | {trainee.describe()} |
+| data | `{cfg.data.train}` |
+| steps | {s.steps} (micro batch {cfg.training.micro_batch_size} x accumulation {cfg.training.grad_accum}), lr {cfg.training.lr}, {cfg.training.schedule} schedule |
+| eval before | {ev(s.eval_before)} |
+| eval after | {ev(s.eval_after)} |
+| throughput | {s.tokens_per_s:,.0f} tokens/s, peak memory {s.peak_memory_bytes / 2**20:,.0f} MiB |
+
+Files: {trainee.files()}, tokenizer files, `metrics.csv`, `loss.png`, `checkpoints/`.
+
+```python
+{trainee.usage(cfg.output.dir)}
+```
+"""
+
+
+def print_summary(s: RunSummary, log: Callable[[str], None]) -> None:
+    if s.eval_before is not None:
+        log(eval_line("before training", s.eval_before))
+    if s.eval_after is not None:
+        log(eval_line(f"after {s.steps} steps", s.eval_after))
+    if s.eval_before is not None and s.eval_after is not None:
+        for (prompt, ref, gen_before), (_, _, gen_after) in zip(s.eval_before.samples, s.eval_after.samples,
+                                                                strict=False):
+            log(f"sample: {prompt!r}\n  expected: {ref!r}\n  before:   {gen_before!r}\n  after:    {gen_after!r}")
+    log(f"{s.tokens_per_s:,.0f} tokens/s, peak memory {s.peak_memory_bytes / 2**20:,.0f} MiB")
+    log(f"run written to {s.out_dir}/")

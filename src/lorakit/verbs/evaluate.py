@@ -1,0 +1,32 @@
+"""`lorakit eval`: a trained run (or given adapters) scored on the config's evaluation data or a
+data file (the metrics are `lorakit.train.evaluate.evaluate`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..errors import LoraError
+from ..train.config import load_config
+from ..train.data import build_datasets
+from ..train.evaluate import EvalResult, evaluate
+from .generate import load_for_inference
+
+
+def run_eval(config: str | None, overrides: list[str], data: str | None = None, model: str | None = None,
+             adapters: list[str] | None = None, batch_size: int = 8) -> EvalResult:
+    """`lorakit eval`: the config's model with its trained adapter (output.dir) or the given ones,
+    on the config's evaluation data or on `data`."""
+    cfg = load_config(config, overrides)
+    if adapters is None and (Path(cfg.output.dir) / "adapter_config.json").is_file():
+        adapters = [cfg.output.dir]
+    net, tokenizer = load_for_inference(model or cfg.model.name_or_path, adapters or [], cfg.model.dtype,
+                                        cfg.model.device)
+    if data is not None:
+        section = dataclasses.replace(cfg.data, train=data, eval=None, eval_fraction=0.0, max_samples=None)
+        examples, _, _ = build_datasets(section, tokenizer, cfg.training.seed)
+    else:
+        _, examples, _ = build_datasets(cfg.data, tokenizer, cfg.training.seed)
+    if not examples:
+        raise LoraError("no evaluation data: set data.eval or data.eval_fraction in the config, or pass --data FILE")
+    return evaluate(net, tokenizer, examples, batch_size, net.device)
