@@ -4,6 +4,7 @@ NaN / inf, or escape as a raw Python error (issue 14, items 5-7)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -186,6 +187,15 @@ def test_deeply_nested_adapter_config_is_an_adapter_file_error(saved):
     file = saved / "adapter_config.json"
     file.write_text('{"peft_type": "LORA", "target_modules": ' + "[" * depth + "]" * depth + "}")
     with pytest.raises(AdapterFileError, match="adapter_config.json.*nested"):
+        lk.load_adapter(tiny_llama(), saved)
+
+
+def test_adapter_config_that_is_not_utf8_names_the_file_line_and_byte(saved):
+    file = saved / "adapter_config.json"
+    raw = b'{"peft_type": "LORA",\n "r": 4, "lora_alpha": 8, "target_modules": ["q\xff"]}'
+    file.write_bytes(raw)
+    with pytest.raises(AdapterFileError, match=re.escape(
+            f"{file}:2: not valid UTF-8 (byte 0xff at byte offset {raw.index(0xff)}); the file must be UTF-8 text")):
         lk.load_adapter(tiny_llama(), saved)
 
 

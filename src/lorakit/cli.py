@@ -78,18 +78,27 @@ def cmd_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(flag: str) -> str:
+    """The device `--device` names, checked here so that a bad one is reported as the flag the user
+    gave (the library reports it as `model.device`), before any weights are read."""
+    from .model_io import resolve_device
+
+    return str(resolve_device(flag, source="--device"))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .files import read_text
     from .verbs.generate import generate_text, load_for_inference
 
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, args.device)
     messages = None
-    if args.messages is not None:
-        text = open(args.messages).read() if os.path.isfile(args.messages) else args.messages
+    if args.messages is not None:   # before the model loads, so a bad argument fails at once
+        text = read_text(args.messages) if os.path.isfile(args.messages) else args.messages
         try:
             messages = json.loads(text)
         except json.JSONDecodeError as e:
             raise LoraError(f"--messages is not valid JSON (line {e.lineno}: {e.msg}); give a list of "
                             '{"role": ..., "content": ...} objects or a file holding one') from None
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, _device(args.device))
     text = generate_text(model, tokenizer, prompt=args.prompt, messages=messages, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          stream=None if args.no_stream else sys.stdout)
@@ -101,7 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .verbs.generate import chat_loop, load_for_inference
 
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, _device(args.device))
     chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     return 0
@@ -148,7 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s:     %(message)s")
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
     loaded = load_server(args.model, args.adapter, args.adapters_dir, args.router, config,
-                         served_model_name=args.served_model_name, dtype=args.dtype, device=args.device)
+                         served_model_name=args.served_model_name, dtype=args.dtype,
+                         device=_device(args.device))
     run(loaded, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -286,9 +296,17 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides, args.config = [config, *args.overrides], None
     try:
         return args.run(args)
-    except (LoraError, FileNotFoundError) as e:
-        print(f"lorakit {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+    except LoraError as e:
+        message = str(e)
+    except OSError as e:
+        # lorakit's own FileNotFoundErrors carry a whole message; the system's name the file. One
+        # naming no file (a dropped connection, a disk failing mid-write) is not the user's input
+        # being wrong, so it keeps its traceback, as every other exception does.
+        if e.filename is None and not isinstance(e, FileNotFoundError):
+            raise
+        message = str(e) if e.filename is None else f"{e.filename}: {e.strerror}"
+    print(f"lorakit {args.verb}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Every file and directory lorakit writes (adapters, mixtures, routers, checkpoint
 the built-in model and dataset) is first written under a hidden temporary name next to its
 target (`.<name>.<random>`), then renamed into place: a reader sees the old version or the new
 one, never a torn one, and a crash leaves at most a hidden temporary behind. Tensors are read
-from safetensors only (never unpickled), and a truncated or corrupt file says so by name.
+from safetensors only (never unpickled), and a truncated or corrupt file says so by name; text
+files are UTF-8, and one that is not says where.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .errors import AdapterFileError
+from .errors import AdapterFileError, LoraError
 
 
 def atomic_write(target: Path, write: Callable[[str], None]) -> None:
@@ -58,6 +59,19 @@ def atomic_dir(target: Path, *, overwrite: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_temporaries(parent: Path, target: str) -> list[Path]:
+    """Remove the temporaries `atomic_write` and `atomic_dir` left in `parent` for the targets whose
+    name matches the glob `target` (a process killed mid-write leaves them) and return them. Only
+    safe while no other process writes those targets."""
+    found = sorted(parent.glob(f".{target}.*")) if parent.is_dir() else []
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return found
+
+
 def read_safetensors(file: Path, holds: str) -> dict[str, Tensor]:
     """The tensors of a safetensors file. A missing file is a `FileNotFoundError` saying what its
     directory should hold (`holds`, e.g. "an adapter directory holds ..."); an unreadable one an
@@ -68,3 +82,17 @@ def read_safetensors(file: Path, holds: str) -> dict[str, Tensor]:
         return load_file(file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read as safetensors: {e}") from None
+
+
+def read_text(file: str | os.PathLike, error: type[LoraError] = LoraError) -> str:
+    """The text of a UTF-8 file (config, data, messages), a leading byte-order mark dropped as
+    editors on Windows write one. Bytes that are not UTF-8 raise `error` naming the file, line and
+    byte offset of the first bad byte: Python's UnicodeDecodeError names none of them, and when
+    it comes from a file read in chunks its offset counts from the chunk, not the file."""
+    raw = Path(file).read_bytes()
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise error(f"{file}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start}); "
+                    "the file must be UTF-8 text") from None

@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import LoraConfig
 from .errors import AdapterFileError, LoraError, few
-from .files import atomic_write, read_safetensors
+from .files import atomic_write, read_safetensors, read_text
 from .inject import add_adapter, delete_adapter, get_state, lora_layers, wrappers
 from .layers import LoraEmbedding, LoraLayer
 
@@ -128,7 +128,7 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(read_text(file, AdapterFileError))
     except json.JSONDecodeError as e:
         raise AdapterFileError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
     except RecursionError:

@@ -4,7 +4,12 @@ turn a prompt or chat messages into the token ids generation starts from."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .builtin.model import BUILTIN_MODEL, builtin_model_dir
@@ -18,13 +23,49 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(builtin_model_dir()) if name_or_path == BUILTIN_MODEL else name_or_path
 
 
-def resolve_device(device: str) -> torch.device:
+def _check_exists(name_or_path: str, path: str) -> None:
+    """Refuse a name that is neither an existing path nor shaped like a hub id (`/data/m`, `./m`,
+    `runs/a/b`): it is a local path with a typo, which transformers would report as a malformed
+    repo id in a traceback."""
+    if os.path.exists(path):
+        return
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"cannot load model {name_or_path!r}: it is not a local model directory (the path "
+                                "does not exist) and not a hub id (those look like org/name)") from None
+
+
+def _load_error(what: str, name_or_path: str, path: str, e: Exception) -> Exception:
+    """The one-line error for a failed `from_pretrained` of the `what` ("model" or "tokenizer") at
+    `path`: a name neither local nor on the hub, or files (local or downloaded) that do not load.
+    transformers raises OSError, ValueError (JSONDecodeError, "Unrecognized model") or
+    SafetensorError for these, with the reason on the first line."""
+    reason = f"{e.__class__.__name__}: {str(e).splitlines()[0]}"
+    if isinstance(e, OSError) and not os.path.isdir(path):
+        return FileNotFoundError(f"cannot load model {name_or_path!r}: it is not a local model directory and the "
+                                 f"hub did not provide it ({reason})")
+    return LoraError(f"cannot load model {name_or_path!r}: its files are not a loadable {what} ({reason})")
+
+
+def resolve_device(device: str, source: str = "model.device") -> torch.device:
+    """The torch device `device` names ("auto": cuda when there is one). Errors name `source`, the
+    config key or command-line flag the user set it with, and are raised here, before any weights
+    are read, rather than when the model is moved."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"model.device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{source} {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ConfigError(f"{source} {device!r}: no CUDA device is available here; use cpu, or auto (cuda when "
+                              "there is one)")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"{source} {device!r}: there are {count} CUDA devices here (cuda:0 to cuda:{count - 1})")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -36,8 +77,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_tokenizer(name_or_path: str, revision: str | None = None,
                    trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), revision=revision,
-                                              trust_remote_code=trust_remote_code)
+    path = resolve_model_path(name_or_path)
+    _check_exists(name_or_path, path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise _load_error("tokenizer", name_or_path, path, e) from None
     if tokenizer.pad_token_id is None:   # batching needs a pad id; it is never trained on
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -54,16 +99,14 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", att
     path = resolve_model_path(name_or_path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    _check_exists(name_or_path, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, attn_implementation=attn_implementation, revision=revision,
             trust_remote_code=trust_remote_code,
         )
-    except OSError as e:
-        raise FileNotFoundError(
-            f"cannot load model {name_or_path!r}: it is not a local model directory and the hub did not "
-            f"provide it ({e.__class__.__name__}: {str(e).splitlines()[0]})"
-        ) from None
+    except (OSError, ValueError, SafetensorError) as e:
+        raise _load_error("model", name_or_path, path, e) from None
     if quantize_base == "nf4" and quantize_linears(model, torch_dtype, dev) == 0:
         raise ConfigError(f"quantize_base=nf4: {name_or_path} has no linear layer besides the output head to quantize")
     return model.to(dev).eval()

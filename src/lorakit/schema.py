@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .files import read_text
 
 
 @functools.cache
@@ -211,8 +212,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(path: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader)
+        data = yaml.load(read_text(path, ConfigError), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found") from None
     except yaml.YAMLError as e:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -213,9 +212,7 @@ def test_a_list_of_specs_concatenates(tok):
 def test_builtin_data_uses_its_eval_file(tmp_path, tok, monkeypatch):
     files = {"train": jsonl(tmp_path / "train.jsonl", [{"prompt": f"p{i}", "completion": " c"} for i in range(5)]),
              "eval": jsonl(tmp_path / "eval.jsonl", [{"prompt": "e", "completion": " c"}])}
-    fake = types.ModuleType("lorakit.builtin.tasks")
-    fake.builtin_data_files = lambda: files
-    monkeypatch.setitem(sys.modules, "lorakit.builtin.tasks", fake)
+    monkeypatch.setattr("lorakit.train.data.builtin_data_files", lambda: files)
     train, evals, report = build_datasets(DataSection(train=BUILTIN_DATA, eval_fraction=0.5), tok, seed=0)
     assert (len(train), len(evals)) == (5, 1)
     assert evals[0].source == f"{files['eval']}:1"

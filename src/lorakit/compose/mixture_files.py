@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterStateError, ConfigError, few
-from ..files import atomic_write, read_safetensors
+from ..files import atomic_write, read_safetensors, read_text
 from ..inject import NAME_RE, delete_adapter, get_state, has_adapters
 from ..io import (
     full_adapter_state_dict,
@@ -124,7 +124,7 @@ def read_mixture_config(path: str | os.PathLike) -> tuple[str, list[str], Any]:
         raise FileNotFoundError(f"{file} not found: a saved mixture directory holds {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME} (written by lorakit.save_mixture)")
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(read_text(file, AdapterFileError))
     except json.JSONDecodeError as e:
         raise AdapterFileError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

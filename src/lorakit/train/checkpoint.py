@@ -42,6 +42,10 @@ from .trainee import Trainee
 _STEP_DIR = re.compile(r"step-(\d{8})")
 
 
+class CheckpointWriteError(LoraError):
+    """A checkpoint could not be written (a full disk, say); the ones before it are intact."""
+
+
 @dataclass
 class TrainerState:
     step: int
@@ -80,11 +84,18 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
             tensors[_rng_key(rank, key)] = v
     if not dist.is_main:
         return target
-    with atomic_dir(target, overwrite=True) as tmp:   # the same step again (a resumed run re-saving): replaced whole
-        trainee.write(tmp, trained)
-        save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
-        (tmp / "trainer_state.json").write_text(json.dumps({**state.__dict__, "param_groups": groups}, indent=2))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        with atomic_dir(target, overwrite=True) as tmp:   # the same step again (a resumed run re-saving): replaced whole
+            trainee.write(tmp, trained)
+            save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
+            (tmp / "trainer_state.json").write_text(json.dumps({**state.__dict__, "param_groups": groups}, indent=2))
+            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    except OSError as e:   # a full disk, a quota, a file system gone read-only: the earlier checkpoints are untouched
+        previous = list_checkpoints(out_dir)
+        then = (f"the previous checkpoint {previous[-1]} is intact: make room and resume with training.resume=auto"
+                if previous else "there is no earlier checkpoint: make room and start again")
+        raise CheckpointWriteError(f"could not write the checkpoint of step {state.step} to {target}: "
+                                   f"{e.strerror or e}; {then}") from None
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import json
 import random
 from collections import Counter
@@ -47,6 +48,7 @@ import torch
 
 from ..builtin.tasks import builtin_data_files
 from ..errors import LoraError
+from ..files import read_text
 from .config import BUILTIN_DATA, DATA_FORMATS, DataSection
 
 IGNORE_INDEX = -100
@@ -184,22 +186,21 @@ def _read_source(spec: str, split: str) -> list[tuple[dict, str]]:
 
 def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
     out = []
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append((_object(record, where), where))
+    for lineno, line in enumerate(io.StringIO(read_text(path, DataError), newline=None), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        out.append((_object(record, where), where))
     return out
 
 
 def _read_json(path: Path) -> list[tuple[dict, str]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(read_text(path, DataError))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -212,15 +213,14 @@ def _read_json(path: Path) -> list[tuple[dict, str]]:
 
 def _read_csv(path: Path) -> list[tuple[dict, str]]:
     out = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in row:   # DictReader files surplus fields under the key None
-                raise DataError(f"{where}: {len(reader.fieldnames or []) + len(row[None])} fields but the header "
-                                f"has {len(reader.fieldnames or [])}")
-            # a short row leaves None values: treat them as absent so "missing field" errors fire
-            out.append(({k: v for k, v in row.items() if v is not None}, where))
+    reader = csv.DictReader(io.StringIO(read_text(path, DataError), newline=""))
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row:   # DictReader files surplus fields under the key None
+            raise DataError(f"{where}: {len(reader.fieldnames or []) + len(row[None])} fields but the header "
+                            f"has {len(reader.fieldnames or [])}")
+        # a short row leaves None values: treat them as absent so "missing field" errors fire
+        out.append(({k: v for k, v in row.items() if v is not None}, where))
     return out
 
 

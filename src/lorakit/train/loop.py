@@ -1,8 +1,8 @@
 """`lorakit train`: the training loop, top to bottom.
 
-    setup       load tokenizer, model and data -> add the adapter (or a mixture over saved adapters)
-                -> (resume) -> evaluate
-    for each optimizer step:
+    setup       lock output.dir -> load tokenizer, model and data -> add the adapter (or a mixture over
+                saved adapters) -> (resume) -> evaluate
+    for each optimizer step (SIGTERM / SIGINT: stop after it, with a checkpoint):
       train_step  grad_accum micro-batches: loss summed over trained tokens, divided by the trained
                   tokens of the whole step (all micro-batches, all processes), plus a mixture's
                   weighted auxiliary losses averaged over the micro-batches -> backward
@@ -28,6 +28,7 @@ needs all of them for that); only rank 0 writes files.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -57,7 +58,9 @@ from .memory import PeakMemory
 from .metrics import MetricsLog, plot_losses
 from .objective import SFT, Batch, Objective
 from .report import RunSummary, eval_line, eval_row, model_card, print_summary, printer
+from .run_dir import RunLock, remove_leftovers
 from .schedule import lr_at
+from .signals import StopOnSignal, TrainingInterrupted
 from .trainee import Trainee, trainee_for
 
 
@@ -67,12 +70,15 @@ class TrainingDiverged(LoraError):
 
 def train(cfg: TrainConfig) -> RunSummary:
     """Run the training `cfg` describes; what it changed outside the model (the Triton kernels'
-    RoPE, a process-wide patch) is undone when it returns or fails."""
+    RoPE, a process-wide patch, the lock of output.dir, the signal handlers) is undone when it
+    returns or fails. SIGTERM or SIGINT during the steps ends the run with `TrainingInterrupted`
+    after the step under way, its checkpoint written."""
     with ExitStack() as cleanup:
         run = setup(cfg, cleanup)
-        for step in range(run.start, run.total_steps):
-            stats = train_step(run, step)
-            after_step(run, step, stats)
+        with run.stop:
+            for step in range(run.start, run.total_steps):
+                stats = train_step(run, step)
+                after_step(run, step, stats)
         return finish(run)
 
 
@@ -109,6 +115,7 @@ class Run:
     t0: float = 0.0
     """`time.perf_counter()` when the steps began, for the throughput."""
     bar: tqdm | None = None
+    stop: StopOnSignal = field(default_factory=StopOnSignal)
 
 
 @dataclass
@@ -125,6 +132,8 @@ class StepStats:
     """Input tokens of this process's micro-batches."""
     aux: dict[str, float]
     """A mixture's auxiliary losses, each averaged over the micro-batches and processes."""
+    stop: bool
+    """A process got SIGTERM or SIGINT before the step's loss was summed: all of them stop after it."""
 
 
 def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run:
@@ -138,6 +147,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run:
     peak = PeakMemory(device)
     torch.manual_seed(t.seed)
     log = printer(dist.is_main)
+    _lock_run_dir(out, dist, cleanup, log)
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     if cfg.data.chat_template:   # saved with the tokenizer, so generation uses the template trained on
@@ -173,7 +183,6 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run:
         log(f"resumed from {resume_from} at step {start}")
     metrics = None
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(out, start if resume_from else None, cfg.output.tensorboard)
 
     use_bf16 = t.bf16 is True or (t.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -191,6 +200,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run:
     run.t0 = time.perf_counter()
     run.bar = tqdm(total=total_steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True,
                    mininterval=0.5, file=sys.stderr)
+    cleanup.callback(run.bar.close)   # on a failure too, so that the error starts a line of its own
     return run
 
 
@@ -201,7 +211,9 @@ def train_step(run: Run, step: int) -> StepStats:
     micro = run.objective.batches(run.stream, dist)
     n_trained = dist.sum(sum(run.objective.count(b) for b in micro).to(dist.device).float())
     step_loss, aux_sums, tokens = _backward(run, micro, n_trained)
-    mean_loss = (dist.sum(step_loss) / n_trained).item()
+    # the stop flag rides on the loss's sum, so every process sees the same one at the same step
+    total, stop = dist.sum(torch.stack([step_loss, torch.tensor(float(run.stop.requested), device=dist.device)]))
+    mean_loss = (total / n_trained).item()
     if not math.isfinite(mean_loss):   # summed over processes: all of them stop here together
         run.optimizer.zero_grad(set_to_none=True)
         where = _save(run, step)
@@ -220,7 +232,7 @@ def train_step(run: Run, step: int) -> StepStats:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     aux = {k: (dist.sum(v) / (t.grad_accum * dist.world)).item() for k, v in aux_sums.items()}
-    return StepStats(mean_loss, lr, grad_norm, int(n_trained.item()), tokens, aux)
+    return StepStats(mean_loss, lr, grad_norm, int(n_trained.item()), tokens, aux, bool(stop.item()))
 
 
 def _backward(run: Run, micro: list[Batch], n_trained: Tensor) -> tuple[Tensor, dict[str, Tensor], int]:
@@ -254,7 +266,8 @@ def _backward(run: Run, micro: list[Batch], n_trained: Tensor) -> tuple[Tensor, 
 
 
 def after_step(run: Run, step: int, stats: StepStats) -> None:
-    """Log the step, evaluate every `eval_every` steps, checkpoint every `save_every` and at the end."""
+    """Log the step, evaluate every `eval_every` steps, checkpoint every `save_every` and at the end;
+    on a signal, checkpoint and raise `TrainingInterrupted`."""
     t, dist, done = run.cfg.training, run.dist, step + 1
     run.losses.append(stats.loss)
     run.tokens_seen += stats.tokens
@@ -271,9 +284,13 @@ def after_step(run: Run, step: int, stats: StepStats) -> None:
         row.update(eval_row(result))
     if run.metrics and (done % t.log_every == 0 or done == run.total_steps or "eval_loss" in row):
         run.metrics.log(row)
-    if done == run.total_steps or (t.save_every and done % t.save_every == 0):
-        _save(run, done)
+    if done == run.total_steps or (t.save_every and done % t.save_every == 0) or stats.stop:
+        where = _save(run, done)
     dist.barrier()
+    if stats.stop:
+        got = signal.Signals(run.stop.signum).name if run.stop.requested else "a signal to another process"
+        raise TrainingInterrupted(f"stopped by {got} after step {done} of {run.total_steps}, checkpoint in {where}; "
+                                  "to continue, run the same command with training.resume=auto")
 
 
 def finish(run: Run) -> RunSummary:
@@ -297,6 +314,26 @@ def finish(run: Run) -> RunSummary:
     dist.barrier()
     dist.close()
     return summary
+
+
+def _lock_run_dir(out: Path, dist: Dist, cleanup: ExitStack, log: Callable[[str], None]) -> None:
+    """Lock `out` for this run until `train` returns, and clear what a killed run left there. Only
+    the main process writes `out`, so it alone takes the lock; the others learn whether it could, so
+    that they stop with it rather than wait for it in a collective."""
+    error = None
+    if dist.is_main:
+        try:
+            cleanup.callback(RunLock.acquire(out).release)
+        except LoraError as e:
+            error = e
+        else:
+            if removed := remove_leftovers(out):
+                log(f"removed {len(removed)} temporary file(s) a killed run left in {out}")
+    failed = dist.sum(torch.tensor(float(error is not None), device=dist.device)).item()
+    if error is not None:
+        raise error
+    if failed:
+        raise LoraError(f"the main process could not take output.dir {out}; its error says why")
 
 
 def _prepare_model(model: nn.Module, t: TrainingSection, device: torch.device, cleanup: ExitStack,

@@ -7,22 +7,29 @@ import csv
 import math
 from pathlib import Path
 
+from ..files import atomic_write
+
 COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "trained_tokens", "tokens_per_s", "elapsed_s",
            "eval_loss", "eval_ppl", "eval_exact_match", "balance_loss", "z_loss"]
 
 
 class MetricsLog:
     """Appends rows to `metrics.csv`. Opening it for a resumed run first drops rows beyond the
-    checkpoint's step, which the interrupted run may have logged before it died."""
+    checkpoint's step, which the interrupted run may have logged before it died; that rewrite goes
+    through a temporary file, so the history survives a kill or a full disk at that moment."""
 
     def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
         self.path = out_dir / "metrics.csv"
         rows = self.read(self.path) if resume_step is not None and self.path.is_file() else []
         rows = [r for r in rows if int(r["step"]) <= (resume_step or 0)]
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.path, write)   # a kill or a full disk here leaves the history whole
         self._file = self.path.open("a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
         self._tb = _tensorboard_writer(out_dir / "tensorboard") if tensorboard else None
