@@ -123,6 +123,11 @@ CASES = [
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")),
     pytest.param(["train", "{tmp}/configs"], _mkdir("configs"), "lorakit train: error: {tmp}/configs: Is a directory",
                  id="config-is-a-directory"),
+    pytest.param(["train", "training.lr=["], None, "lorakit train: error: override 'training.lr=[': the value is not "
+                 "valid YAML (expected the node content, but found '<stream end>')", id="override-bad-yaml"),
+    pytest.param(["train", "training.lr={{a: 1, a: 2}}"], None, "lorakit train: error: override 'training.lr={{a: 1, "
+                 "a: 2}}': the value is not valid YAML (duplicate key 'a', first given on line 1; keep one of them)",
+                 id="override-duplicate-key"),
     # already one line before this file: kept here so they stay that way
     pytest.param(["train", "{tmp}/syntax.yaml"], _write("syntax.yaml", b"model: [\n"),
                  "lorakit train: error: {tmp}/syntax.yaml:2: not valid YAML (expected the node content, but found "
