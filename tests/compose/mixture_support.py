@@ -13,13 +13,13 @@ import json
 from pathlib import Path
 
 import torch
+from adapter_support import randomise
 from tiny_models import tiny_model_dir
 from torch import nn
 
 import lorakit as lk
 from lorakit.builtin import BUILTIN_MODEL, build_tokenizer, builtin_data_files
 from lorakit.builtin.tasks import task_of
-from lorakit.inject import lora_layers
 from lorakit.model_io import load_model, load_tokenizer
 from lorakit.train.config import DataSection, load_config
 from lorakit.train.data import build_datasets, collate
@@ -38,16 +38,6 @@ class Tiny(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj2(self.proj(x))
-
-
-def randomise(model: nn.Module, name: str, seed: int, scale: float = 0.3) -> None:
-    """Random factors (and lora_bias) so that every expert changes the output (B starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            if name in layer.r:
-                for p in layer.adapter_parameters(name).values():
-                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def tiny_with_experts(configs: dict[str, lk.LoraConfig] | None = None) -> Tiny:

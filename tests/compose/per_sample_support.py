@@ -4,23 +4,13 @@ three adapters of different shapes, a row run alone with its adapter as the refe
 from __future__ import annotations
 
 import torch
+from adapter_support import randomise
 from tiny_models import tiny_llama
 
 import lorakit as lk
-from lorakit.inject import lora_layers
 
 ATOL = 1e-5
 BASE = "__base__"
-
-
-def randomise(model: torch.nn.Module, name: str, seed: int) -> None:
-    """Random A, B (and lora_bias) so every adapter changes the output (B starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            if name in layer.r:
-                for p in layer.adapter_parameters(name).values():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def llama_with_adapters() -> torch.nn.Module:
@@ -35,7 +25,7 @@ def llama_with_adapters() -> torch.nn.Module:
     }
     for seed, (name, cfg) in enumerate(configs.items()):
         lk.add_adapter(model, cfg, name=name)
-        randomise(model, name, seed)
+        randomise(model, name, seed, scale=0.2)
     return model
 
 

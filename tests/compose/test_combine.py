@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from adapter_support import randomise
 from peft import PeftModel
 from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
@@ -100,16 +101,6 @@ def test_dare_statistics():
 # ---- models with adapters, saved in PEFT's format --------------------------------------------------
 
 
-def _randomise(model: nn.Module, name: str, seed: int) -> None:
-    """Random A and B, so every adapter changes the output (B starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            if name in layer.r:
-                for p in layer.adapter_parameters(name).values():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-
-
 class ConvNet(nn.Module):
     """A 3x3 conv and a 1x1 conv (LoRA conv factors are reshaped to 2-D and back)."""
 
@@ -156,7 +147,7 @@ def saved(tmp_path_factory):
             model, root, dirs = build(), tmp_path_factory.mktemp(setup), {}
             for seed, (name, config) in enumerate(configs.items()):
                 lk.add_adapter(model, config, name=name)
-                _randomise(model, name, seed)
+                randomise(model, name, seed)
                 dirs[name] = root / name
                 lk.save_adapter(model, dirs[name], name)
             cache[setup] = build, list(configs), dirs
@@ -495,7 +486,7 @@ def test_cli_combine_round_trip(tmp_path, capsys):
     for seed, (name, config) in enumerate(configs.items()):
         config = lk.LoraConfig(**{**config.__dict__, "base_model_name_or_path": str(base_dir)})
         lk.add_adapter(model, config, name=name)
-        _randomise(model, name, seed)
+        randomise(model, name, seed)
         lk.save_adapter(model, tmp_path / name, name)
     out = tmp_path / "ties"
     argv = ["combine", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "0.7", "-0.3", "--method", "ties",

@@ -29,7 +29,7 @@ def _gpt2_with_adapters() -> torch.nn.Module:
     lk.add_adapter(model, lk.LoraConfig(r=6, lora_alpha=3, target_modules=["c_attn", "c_fc"], lora_bias=True), name="b")
     lk.add_adapter(model, lk.LoraConfig(r=2, lora_alpha=2, target_modules=["c_proj"]), name="c")
     for seed, name in enumerate("abc"):
-        randomise(model, name, seed)
+        randomise(model, name, seed, scale=0.2)
     return model
 
 
@@ -78,7 +78,7 @@ def test_each_row_equals_that_row_alone_with_its_adapter(build, layout):
 def test_embedding_rows_use_their_own_adapter_table(layout):
     model = llama_with_adapters()
     lk.add_adapter(model, lk.LoraConfig(r=5, lora_alpha=7, target_modules=["embed_tokens"]), name="e")
-    randomise(model, "e", 9)
+    randomise(model, "e", 9, scale=0.2)
     emb = model.model.embed_tokens                     # held by c and e (ranks 3 and 5)
     names = ["e", BASE, "c", "a", "e", "c", "e"]       # a is not in this layer: base rows there
     ids = random_ids(len(names))
