@@ -4,6 +4,9 @@ another module's private names, and an import inside a function is for an option
 never for a lorakit module (a cycle dodged that way means a responsibility is in the wrong place)."""
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,31 @@ def test_imports_point_down(path):
             assert target.startswith(OPTIONAL), (
                 f"{me} imports {target} inside a function; import lorakit modules at the top "
                 "(only modules that need an optional dependency may be deferred)")
+
+
+LAZY_PACKAGES = ["lorakit", "lorakit.builtin", "lorakit.compose", "lorakit.plan", "lorakit.serve"]
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
+def test_a_lazy_package_exports_what_it_names(package):
+    """Each name a package exports resolves to the object its module defines, is cached on the
+    package, and is listed by dir(); a submodule resolves as it would from an eager package."""
+    mod = importlib.import_module(package)
+    for name in mod.__all__:
+        value = getattr(mod, name)
+        assert vars(mod)[name] is value
+        if name in mod._EXPORTS:
+            assert getattr(importlib.import_module(mod._EXPORTS[name], package), name) is value
+        assert name in dir(mod)
+    with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'no_such_name'"):
+        mod.no_such_name  # noqa: B018
+
+
+def test_the_cli_starts_without_torch_or_transformers():
+    """`lorakit --help`, `--version` and `VERB --help` build the whole parser (the train config's
+    reference included); doing that without importing torch or transformers is what keeps them
+    well under a second (README "Development" records the timings)."""
+    code = ("import sys; from lorakit.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'tokenizers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -9,6 +9,7 @@
     chat                                                interactive chat
     inspect ADAPTER_DIR                                 what a saved adapter holds
     plan CONFIG.yaml [key=value ...] | --model M        parameters, adapter size, memory, hyperparameters
+    compare RUN_DIR RUN_DIR ... [--out PLOT.png]        runs' settings and results side by side, loss curves
     serve --model M [--adapter NAME=DIR ...] [--adapters-dir DIR]   OpenAI-compatible multi-adapter server
 """
 
@@ -22,10 +23,9 @@ import sys
 from typing import get_args
 
 from . import __version__
-from .compose.combine import METHODS
-from .dtypes import DtypeChoice, DtypeName
+from .compose.settings import METHODS
+from .dtypes import DtypeChoice, DtypeName, QuantizeBase
 from .errors import LoraError
-from .quantize import QuantizeBase
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -53,10 +53,14 @@ def cmd_preview_data(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .verbs.evaluate import run_eval
 
-    result = run_eval(args.config, args.overrides, data=args.data, model=args.model, adapters=args.adapter,
-                      batch_size=args.batch_size)
+    run = run_eval(args.config, args.overrides, data=args.data, model=args.model, adapters=args.adapter,
+                   batch_size=args.batch_size)
+    result = run.result
     em = f" exact_match={result.exact_match:.4f}" if result.exact_match is not None else ""
     print(f"eval_loss={result.loss:.4f} perplexity={result.ppl:.3f}{em} examples={result.n_examples}")
+    if dropped := run.dropped_line():
+        print(f"note: {dropped}; raise data.max_seq_len to score them" if run.records.dropped_by_truncation
+              else f"note: {dropped}")
     return 0
 
 
@@ -145,6 +149,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .verbs.compare import compare_runs
+
+    print(compare_runs(args.run_dirs, args.out))
+    print(f"loss curves written to {args.out}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
     import logging
@@ -199,7 +211,7 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .plan.suggest import TASK_RANKS
+    from .plan.tasks import TASK_RANKS
     from .schema import reference_text
     from .train.config import TrainConfig
 
@@ -282,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], help="plan for (default: cuda unless model.device is cpu)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_plan)
+
+    p = verbs.add_parser("compare", help="training runs side by side: key settings, final losses and exact match, "
+                                         "and one plot of their loss curves")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (output.dir of lorakit train)")
+    p.add_argument("--out", default="compare.png", help="the loss-curve plot to write (default: compare.png)")
+    p.set_defaults(run=cmd_compare)
 
     p = verbs.add_parser("serve", help="serve the base model and many adapters over an OpenAI-compatible HTTP API")
     _serve_args(p)

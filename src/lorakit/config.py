@@ -59,6 +59,9 @@ _PEFT_IGNORED_KEYS = {
     "lora_mode",
 }
 
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+"""An adapter name: it names a folder when saved."""
+
 # Defaults for `target_modules=None`, by `model.config.model_type` (PEFT's choices).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     **{t: ["q_proj", "v_proj"] for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
@@ -246,7 +249,7 @@ class LoraConfig:
                 if value not in (None, False, {}, [], _PEFT_OFF_KEYS[key]):
                     raise ConfigError(
                         f"{source}: {key}={value!r} is a PEFT feature lorakit does not implement; "
-                        "loading the adapter without it would compute something else"
+                        "the adapter without it would compute something else"
                     )
             elif key not in _PEFT_IGNORED_KEYS and key != "peft_type":
                 unknown.append(key)

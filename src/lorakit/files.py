@@ -16,10 +16,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 from .errors import AdapterFileError, LoraError
 
@@ -76,6 +78,8 @@ def read_safetensors(file: Path, holds: str) -> dict[str, Tensor]:
     """The tensors of a safetensors file. A missing file is a `FileNotFoundError` saying what its
     directory should hold (`holds`, e.g. "an adapter directory holds ..."); an unreadable one an
     `AdapterFileError`."""
+    from safetensors.torch import load_file  # imports torch: not at the top, which the CLI's --help imports
+
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: {holds}")
     try:

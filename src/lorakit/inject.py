@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import re
 import warnings
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .base_types import CONV_TYPES, LINEAR_TYPES
-from .config import DEFAULT_TARGET_MODULES, LoraConfig, match_name
+from .config import DEFAULT_TARGET_MODULES, NAME_RE, LoraConfig, match_name
 from .errors import AdapterStateError, ConfigError, LoraError, TargetModulesError
 from .init_from_base import rewrites_base
 from .layers import LoraLayer, ModulesToSave, make_lora_layer
@@ -37,7 +38,6 @@ from .ops import recompute
 from .quantize import dequantize_linears, is_4bit, weight_count
 
 BASE_NAME = "__base__"
-NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")   # an adapter name: it names a folder when saved
 _SUPPORTED = LINEAR_TYPES + (nn.Embedding,) + CONV_TYPES
 
 
@@ -200,18 +200,34 @@ def check_new_name(model: nn.Module, name: str) -> None:
         raise AdapterStateError(f"an adapter named {name!r} already exists; pick another name or delete_adapter it first")
 
 
+def _lorakit_config(config: object) -> LoraConfig:
+    """`config` as a lorakit LoraConfig. A PEFT LoraConfig (told by its class's module: lorakit does
+    not import PEFT) is read as the adapter_config.json it would save, whose reader refuses, naming
+    the field, a PEFT feature lorakit does not compute. That JSON holds the enums' values
+    (`peft_type`, `task_type`) where `to_dict()` holds the enums."""
+    if isinstance(config, LoraConfig):
+        return config
+    kind = type(config)
+    if kind.__module__.partition(".")[0] == "peft" and callable(getattr(config, "to_dict", None)):
+        data = {k: v.value if isinstance(v, enum.Enum) else v for k, v in config.to_dict().items()}
+        return LoraConfig.from_peft_dict(data, source=f"peft.{kind.__name__}")
+    shown = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise LoraError(f"config must be a lorakit.LoraConfig (or a peft.LoraConfig), got {shown}")
+
+
 def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, trainable: bool = True,
                 activate: bool = True, adapter_dtype: torch.dtype | None = None, initialise: bool = True) -> nn.Module:
     """Add a new adapter to `model` in place and return the model.
 
-    The first adapter freezes every base parameter. The new adapter's parameters (and its
-    `modules_to_save` copies and, per `bias`, base biases) train when `trainable`. With `activate`
-    it becomes the only active adapter. Its weights take the base layer's dtype unless
-    `adapter_dtype` says otherwise. `initialise=False` is for loaders, which overwrite the weights
-    next: an init that rewrites the base (PiSSA, OLoRA) must not run then.
+    `config` may also be PEFT's LoraConfig: it is converted (`_lorakit_config`), so code written
+    for PEFT's `get_peft_model` keeps its config. The first adapter freezes every base parameter.
+    The new adapter's parameters (and its `modules_to_save` copies and, per `bias`, base biases)
+    train when `trainable`. With `activate` it becomes the only active adapter. Its weights take
+    the base layer's dtype unless `adapter_dtype` says otherwise. `initialise=False` is for
+    loaders, which overwrite the weights next: an init that rewrites the base (PiSSA, OLoRA) must
+    not run then.
     """
-    if not isinstance(config, LoraConfig):
-        raise LoraError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    config = _lorakit_config(config)
     check_new_name(model, name)
     targets = resolve_target_modules(model, config)
     found = _find_targets(model, config, targets)

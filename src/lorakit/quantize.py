@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 
 from .base_types import LINEAR_TYPES, Conv1D, is_conv1d
+from .dtypes import QuantizeBase
 from .errors import LoraError
 
-QuantizeBase = Literal["none", "nf4"]
-"""How the frozen base is loaded: as it is, or nf4 (QLoRA, see above)."""
 QUANTIZE_BASE = get_args(QuantizeBase)
 NF4_BLOCKSIZE = 64
 """Weights per absmax block (bitsandbytes' default, and QLoRA's)."""

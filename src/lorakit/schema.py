@@ -5,13 +5,15 @@ Each field's documentation is the string literal under it in the class body (an 
 docstring), read from the source once, so the docs live next to the defaults and cannot drift.
 A field with a fixed set of values is a `Literal` (possibly in a union with bool or None): the
 dataclass checks it with `check_choices`, and the reference and the CLI's `choices` read the
-values from the type, so they are written once. Unknown keys are errors that suggest the
-closest valid key.
+values from the type, so they are written once. Unknown keys are errors that suggest the key
+meant (`_unknown_key_hint`), and an error in a file with overrides names the one it came from
+(`from_file_and_overrides`).
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import functools
@@ -19,6 +21,7 @@ import inspect
 import textwrap
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -59,12 +62,33 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
-def from_dict(cls: type, data: dict[str, Any] | None, where: str = "", defaults: Any = None) -> Any:
+class _UnknownKey(Exception):
+    """Raised by `_build` for a key its section does not have; `from_dict`, which knows the whole
+    schema and the aliases, turns it into the message."""
+
+    def __init__(self, section: str, key: Any) -> None:
+        super().__init__(section, key)
+        self.section, self.key = section, key
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "", defaults: Any = None,
+              aliases: Mapping[str, str] | None = None) -> Any:
     """Build dataclass `cls` from a mapping, recursing into nested dataclass fields. Unknown keys
-    are errors naming the closest valid key. Keys not given keep the values of `defaults` (an
-    instance of `cls`; None: the class's own defaults). A nested section starts from its field's
-    default, so a section whose default differs from its class's (the train config's `lora`) is
-    built on the values that apply, the ones `reference` prints."""
+    are errors naming the key meant (`_unknown_key_hint`); `aliases` maps names other tools use
+    (`learning_rate`) to the key path under `cls` that means the same (`training.lr`). Keys not
+    given keep the values of `defaults` (an instance of `cls`; None: the class's own defaults). A
+    nested section starts from its field's default, so a section whose default differs from its
+    class's (the train config's `lora`) is built on the values that apply, the ones `reference`
+    prints."""
+    try:
+        return _build(cls, data, where, defaults)
+    except _UnknownKey as e:
+        path = f"{e.section}.{e.key}" if e.section else str(e.key)
+        hint = _unknown_key_hint(_key_paths(cls, where), e.section, e.key, where, aliases or {})
+        raise ConfigError(f"unknown config key {path!r}{hint}") from None
+
+
+def _build(cls: type, data: dict[str, Any] | None, where: str, defaults: Any) -> Any:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__} ({data!r})")
@@ -73,14 +97,10 @@ def from_dict(cls: type, data: dict[str, Any] | None, where: str = "", defaults:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            path = f"{where}.{key}" if where else key
-            close = difflib.get_close_matches(str(key), list(names), n=1)
-            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else \
-                f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {path!r}{hint}")
+            raise _UnknownKey(where, key)
         path = f"{where}.{key}" if where else key
         sub = _nested(hints[key])
-        kwargs[key] = from_dict(sub, value, path, _field_default(names[key])) if sub else \
+        kwargs[key] = _build(sub, value, path, _field_default(names[key])) if sub else \
             _coerce(hints[key], value, path)
     if defaults is not None:
         kwargs = {**{name: getattr(defaults, name) for name in names}, **kwargs}
@@ -88,6 +108,68 @@ def from_dict(cls: type, data: dict[str, Any] | None, where: str = "", defaults:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _key_paths(cls: type, where: str) -> list[str]:
+    """Every key of dataclass `cls` under `where`, sections and the keys in them, as dotted paths in
+    field order."""
+    paths = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.init:
+            path = f"{where}.{f.name}" if where else f.name
+            paths.append(path)
+            sub = _nested(hints[f.name])
+            if sub:
+                paths.extend(_key_paths(sub, path))
+    return paths
+
+
+_SIMILAR = 0.6
+"""difflib's ratio from which two key names count as one misspelt (difflib's own default cutoff)."""
+
+
+def _similarity(name: str, other: str) -> float | None:
+    """How alike key names `name` and `other` are (difflib's ratio), or None when they are not alike:
+    below `_SIMILAR`, unless one name's `_`-separated parts begin the other's. That rule catches a
+    word added or dropped (`lr_rate` for `lr`, `max_seq` for `max_seq_len`), which the ratio misses
+    on short names."""
+    ratio = difflib.SequenceMatcher(None, name, other).ratio()
+    parts, other_parts = name.split("_"), other.split("_")
+    n = min(len(parts), len(other_parts))
+    return ratio if ratio >= _SIMILAR or parts[:n] == other_parts[:n] else None
+
+
+def _unknown_key_hint(keys: list[str], section: str, key: Any, root: str, aliases: Mapping[str, str]) -> str:
+    """What follows "unknown config key 'section.key'": the key meant, among `keys` (every key path
+    of the schema, under `root`), by the first of these rules that finds one:
+
+    1. the same name in the same section with `-` written `_` (`micro-batch-size`);
+    2. the key another tool's name stands for (`aliases`, paths under `root`: `learning_rate` means
+       `training.lr`), in any section or at the top, since other tools' configs are flat;
+    3. the key of that name in another section, where it lives (`training.max_seq_len` is
+       `data.max_seq_len`);
+    4. the most alike key name anywhere in the schema (`_similarity`), one in the same section on a
+       tie.
+    Else the section's valid keys. The section itself and the sections around it are no candidates
+    (`lora.lora` does not mean `lora`)."""
+    name = str(key).replace("-", "_")
+    here = f"{section}." if section else ""
+    candidates = [k for k in keys if not here.startswith(k + ".")]
+    siblings = [k for k in candidates if k.startswith(here) and "." not in k[len(here):]]
+    if here + name in siblings:
+        return f"; did you mean {here + name!r}?"
+    if name in aliases:
+        target = f"{root}.{aliases[name]}" if root else aliases[name]
+        return f"; did you mean {target!r}? ({key} is another tool's name for it)"
+    elsewhere = [k for k in candidates if k.rpartition(".")[2] == name]
+    if elsewhere:
+        return f"; did you mean {' or '.join(map(repr, elsewhere))}?"
+    scored = [(ratio, k in siblings, k) for k in candidates
+              if (ratio := _similarity(name, k.rpartition(".")[2])) is not None]
+    if scored:
+        return f"; did you mean {max(scored, key=lambda s: s[:2])[2]!r}?"
+    return f"; valid keys: {', '.join(k[len(here):] for k in siblings)}"
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
@@ -187,6 +269,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
     return data
+
+
+def from_file_and_overrides(cls: type, path: str | None, overrides: list[str],
+                            aliases: Mapping[str, str] | None = None) -> Any:
+    """Dataclass `cls` from the YAML file at `path` (None: the defaults) with `key.sub=value`
+    overrides applied in order on top. An error names the input it comes from: the file, or the
+    first override with which, added in order, the config fails with that error (a key or value
+    alone does not tell: a range or a combination is checked by the dataclass, on the whole). The
+    file is not validated alone first: an override may complete it (turn on the setting another of
+    its settings needs), and the file alone is then no error."""
+    stages = [load_yaml(path) if path else {}]
+    for item in overrides:
+        stages.append(apply_overrides(copy.deepcopy(stages[-1]), [item]))
+    try:
+        return from_dict(cls, stages[-1], aliases=aliases)
+    except ConfigError as e:
+        error = str(e)
+    sources = [path, *(f"override {item!r}" for item in overrides)]
+    source = next(s for s, stage in zip(sources, stages, strict=True) if _failure(cls, stage, aliases) == error)
+    raise ConfigError(f"{source}: {error}" if source else error)
+
+
+def _failure(cls: type, data: dict[str, Any], aliases: Mapping[str, str] | None) -> str | None:
+    """The message building dataclass `cls` from `data` fails with; None when it builds."""
+    try:
+        from_dict(cls, data, aliases=aliases)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

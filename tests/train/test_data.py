@@ -26,6 +26,7 @@ from lorakit.train.data import (
     DataReport,
     Example,
     PackedRow,
+    SplitCount,
     build_datasets,
     collate,
     detect_format,
@@ -377,6 +378,11 @@ def test_truncation_and_drops_are_counted(tmp_path, tok):
     assert ("dropped: 2 samples with no trained token (1 lost theirs to truncation, 1 had none, "
             "e.g. no assistant turn)") in lines
     assert lines[1] == "train: 2 samples, 21 tokens, 15 trained (71.4%)"
+    assert report.splits["train"] == SplitCount(records=4, kept=2, dropped_by_truncation=1)
+    assert report.splits["train"].dropped_line("training", 12) == (
+        "2 of 4 training records dropped with no trained token (1 lost theirs to truncation at "
+        "data.max_seq_len=12, 1 had none)")
+    assert report.splits["eval"].dropped_line("evaluation", 12) is None
 
 
 def test_eval_fraction_split_is_seeded_and_disjoint(tmp_path, tok):
@@ -396,7 +402,10 @@ def test_eval_fraction_split_is_seeded_and_disjoint(tmp_path, tok):
                                                   tok, seed=3)
     assert [e.source for e in evals_capped] == [e.source for e in evals]   # the cap does not move the split
     assert [e.source for e in capped] == [e.source for e in train[:4]]
-    assert report.not_used == 11 and "max_samples: 11 training records not used" in report.lines()
+    assert report.not_used == 11
+    assert report.lines()[0] == "data: read 20 records (formats: prompt_completion 9; 11 left out by data.max_samples)"
+    assert sum(report.formats.values()) + report.not_used == report.read   # the counts add up
+    assert report.splits["eval"] == SplitCount(records=5, kept=5, dropped_by_truncation=0)
 
     tiny = jsonl(tmp_path / "t.jsonl", [{"text": "a"}])
     with pytest.raises(DataError, match="data.eval_fraction=0.5 of 1 records leaves no training data"):
@@ -510,3 +519,31 @@ def test_preview_marks_the_trained_span_and_reports(tok):
 def test_report_lines_on_defaults():
     assert DataReport(read=2, used_train=2).lines() == [
         "data: read 2 records (formats: none)", "train: 2 samples, 0 tokens, 0 trained (0.0%)", "eval: 0 samples (none)"]
+
+
+def test_sharegpt_turns_with_chat_keys_point_to_the_fix(tmp_path, tok):
+    path = jsonl(tmp_path / "c.jsonl", [{"conversations": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "yo"}]}])
+    with pytest.raises(DataError) as e:
+        build_datasets(DataSection(train=str(path)), tok, seed=0)
+    assert str(e.value) == (f"{path}:1: conversations[0] needs 'from' and 'value' (keys: role, content); these are "
+                            "the chat format's keys: read the column as chat messages with "
+                            "data.columns={conversations: messages}")
+    train, _, _ = build_datasets(DataSection(train=str(path), columns={"conversations": "messages"}), tok, seed=0)
+    assert trained_runs(train[0], tok) == ["yo<|end|>\n"]
+
+
+def test_long_samples_are_counted_not_warned_about_by_transformers(tmp_path, tok):
+    """The tokenizer's own "Token indices sequence length is longer than ..." warning says what the
+    data report's truncation count already says; lorakit's tokenization does not trigger it (the
+    tokenizer records in `deprecation_warnings` that it warned)."""
+    long = "word " * (tok.model_max_length // 4)
+    path = jsonl(tmp_path / "l.jsonl", [{"prompt": long, "completion": " end"},
+                                        {"messages": [{"role": "user", "content": long},
+                                                      {"role": "assistant", "content": "end"}]}])
+    tok.deprecation_warnings.clear()
+    _, _, report = build_datasets(DataSection(train=str(path), max_seq_len=64, train_on_inputs=True), tok, seed=0)
+    assert report.truncated == 2
+    assert "sequence-length-is-longer-than-the-specified-maximum" not in tok.deprecation_warnings
+    tok(long)   # what the flag records when transformers does warn
+    assert "sequence-length-is-longer-than-the-specified-maximum" in tok.deprecation_warnings

@@ -156,7 +156,7 @@ def test_sigterm_to_lorakit_train_while_a_second_run_is_refused(base_overrides, 
 
 
 def test_rewriting_metrics_on_resume_cannot_lose_the_history(tmp_path, monkeypatch):
-    log = MetricsLog(tmp_path, None, tensorboard=False)
+    log = MetricsLog(tmp_path, None)
     for step in range(1, 6):
         log.log({"step": step, "loss": step / 10})
     log.close()
@@ -167,11 +167,11 @@ def test_rewriting_metrics_on_resume_cannot_lose_the_history(tmp_path, monkeypat
 
     monkeypatch.setattr(csv.DictWriter, "writerows", disk_full)
     with pytest.raises(OSError):
-        MetricsLog(tmp_path, 3, tensorboard=False)
+        MetricsLog(tmp_path, 3)
     assert (tmp_path / "metrics.csv").read_text() == history
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
     monkeypatch.undo()
-    MetricsLog(tmp_path, 3, tensorboard=False).close()
+    MetricsLog(tmp_path, 3).close()
     assert logged_steps(tmp_path) == [1, 2, 3]
 
 
@@ -202,9 +202,11 @@ def test_a_killed_runs_lock_and_temporaries_are_cleared(base_overrides, tmp_path
     half.mkdir(parents=True)
     (half / "optimizer.safetensors").write_bytes(b"torn")
     (out / ".metrics.csv.x7y8z9.tmp").write_text("step,loss\n1,")
+    (out / ".trackers.json.a1b2c3.tmp").write_text('{"wandb": ')
     run(base_overrides)
     assert checkpoint_names(out) == ["step-00000006"]
     assert not (out / "train.lock").exists() and not list(out.glob(".metrics.csv.*"))
+    assert not list(out.glob(".trackers.json.*"))
 
 
 def test_the_lock_is_released_when_the_run_fails(base_overrides, tmp_path):

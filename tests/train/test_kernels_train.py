@@ -54,8 +54,10 @@ def test_dropout_masks_of_the_kernels_are_redrawn_by_checkpointing(base_override
 
 
 def test_kernels_setting_is_checked(base_overrides):
-    with pytest.raises(ConfigError, match="^training.kernels must be one of auto, triton, torch, got 'cuda'$"):
+    with pytest.raises(ConfigError, match="^override 'training.kernels=cuda': training.kernels must be one of "
+                                          "auto, triton, torch, got 'cuda'$"):
         load_config(None, base_overrides + ["training.kernels=cuda"])
-    with pytest.raises(ConfigError, match="^training.kernels: triton and training.compile: true exclude each other"):
+    with pytest.raises(ConfigError, match="^override 'training.compile=true': training.kernels: triton and "
+                                          "training.compile: true exclude each other"):
         load_config(None, base_overrides + ["training.kernels=triton", "training.compile=true"])
     assert load_config(None, base_overrides + ["training.compile=true"]).training.kernels == "auto"

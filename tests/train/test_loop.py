@@ -1,5 +1,6 @@
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,8 +153,28 @@ def test_resume_after_sigkill_is_exact(base_overrides, tmp_path):
 
 def test_resume_with_other_settings_is_refused(base_overrides, tmp_path):
     run(base_overrides)
-    with pytest.raises(lk.LoraError, match=r"cannot resume from .*step-00000006: lora differ"):
-        run(base_overrides + ["lora.r=8", "training.resume=auto"])
+    with pytest.raises(lk.LoraError) as e:
+        run(base_overrides + ["lora.r=8", "training.lr=1e-3", "training.seed=3", "training.resume=auto"])
+    assert str(e.value) == (f"cannot resume from {tmp_path / 'run' / 'checkpoints' / 'step-00000006'}: "
+                            "lora.r: 4 in the checkpoint, 8 now; training.seed: 0 in the checkpoint, 3 now. Resume "
+                            "with the checkpoint's settings or start a new output.dir")   # lr may change on resume
+
+
+def test_resume_of_a_complete_run_changes_nothing(base_overrides, tmp_path, capsys):
+    """training.resume=auto on a finished run says so and leaves the run directory as it was (no
+    second evaluation, no rows appended); with max_steps raised it trains on from the last step."""
+    run(base_overrides)
+    out = tmp_path / "run"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    summary = run(base_overrides + ["training.resume=auto"])
+    assert summary.steps == 6 and summary.eval_after is None
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"already complete at step 6 of 6 ({out / 'checkpoints' / 'step-00000006'}); nothing was changed. "
+        "To train further, raise training.max_steps")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    more = run(base_overrides + ["training.resume=auto", "training.max_steps=8"])
+    assert more.steps == 8 and [s for s, _ in logged_losses(out)] == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_resume_from_missing_checkpoint(base_overrides, tmp_path):
@@ -234,6 +255,16 @@ def test_eval_verb(trained, base_overrides, capsys):
     assert out.startswith("eval_loss=") and "exact_match=" in out and "examples=4" in out
 
 
+def test_eval_verb_says_what_truncation_dropped(trained, base_overrides, capsys):
+    """At 16 tokens only 'navy' (a 15-token prompt) keeps an answer token: olive, maroon and silver
+    have no loss, which the count alone would hide."""
+    assert cli_main(["eval", *base_overrides, "data.max_seq_len=16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(" examples=1")
+    assert out[1] == ("note: 3 of 4 evaluation records dropped with no trained token (3 lost theirs to truncation "
+                      "at data.max_seq_len=16, 0 had none); raise data.max_seq_len to score them")
+
+
 def test_train_help_lists_the_config_reference(capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--help"])
@@ -266,3 +297,14 @@ def test_same_seed_same_adapter_other_seed_other_adapter(base_overrides, tmp_pat
     a, b, c = (adapter_tensors(tmp_path / n) for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_training_run_logs_plain_lines(base_overrides, capsys):
+    """Under pytest stderr is not a terminal, as in `lorakit train ... 2> log`: no carriage returns
+    (tqdm's redraws), and the last progress line is the final step's."""
+    run(base_overrides)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    last = [line for line in err.splitlines() if line.startswith("train: ")][-1]
+    assert re.fullmatch(r"train: step 6/6 \(100%\), loss=\d+\.\d{4}, lr=1\.00e-02, tok_s=[\d,]+, "
+                        r"\d\d:\d\d elapsed, 00:00 left", last)

@@ -7,8 +7,8 @@ import yaml
 
 import lorakit as lk
 from lorakit.cli import build_parser
-from lorakit.dtypes import TORCH_DTYPES, DtypeChoice, DtypeName
-from lorakit.quantize import QuantizeBase
+from lorakit.dtypes import DtypeChoice, DtypeName, QuantizeBase
+from lorakit.model_io import TORCH_DTYPES
 from lorakit.schema import field_docs, from_dict, reference, reference_markdown, to_dict
 from lorakit.train.config import DataSection, ModelSection, TrainConfig, TrainingSection, load_config
 from lorakit.train.schedule import lr_at

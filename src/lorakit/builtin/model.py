@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -26,8 +26,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ..files import atomic_dir
+from ..progress import progress
+from .names import BUILTIN_MODEL, cache_root
 
-BUILTIN_MODEL = "lorakit/tiny-llama"
 VERSION = "v2"   # bump when the model or tokenizer below changes: the cache key
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -151,10 +152,11 @@ def pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: 
     warmup, peak = PRETRAIN["warmup"], PRETRAIN["lr"]
     losses = []
     model.train()
+    bar = progress(steps, "pretraining the built-in model", interval=10.0)
     for step in range(steps):
         # linear warmup, then cosine to zero
-        progress = max(0, step - warmup) / (steps - warmup)
-        lr = peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+        decayed = max(0, step - warmup) / (steps - warmup)
+        lr = peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * decayed))
         for group in opt.param_groups:
             group["lr"] = lr
         x = data[step]                                                  # (batch, seq_len)
@@ -164,12 +166,11 @@ def pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: 
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.update(1)
+    bar.close()
     model.eval()
     return losses
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
 
 
 def builtin_model_dir() -> Path:
@@ -180,6 +181,8 @@ def builtin_model_dir() -> Path:
         return target
     # another process building it at the same time is fine: the first rename wins
     with atomic_dir(target, built_by_another=lambda: (target / "config.json").is_file()) as tmp:
+        print(f"building the built-in model {BUILTIN_MODEL} into {target} (first use only; about a minute on two "
+              "CPU cores)", file=sys.stderr, flush=True)
         tokenizer = build_tokenizer()
         # a first use may come from inside a caller's no_grad / inference_mode block
         with torch.inference_mode(False), torch.enable_grad():

@@ -24,9 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..files import atomic_dir
-from .model import cache_root
+from .names import cache_root
 
-BUILTIN_DATA = "lorakit/tiny-tasks"
 DATA_VERSION = "v1"   # bump when the generation below changes: the cache key
 SEED = 0
 TRAIN_PER_TASK = 1000

@@ -4,12 +4,13 @@ semantic routing over an adapter library, mixtures of LoRA experts, and AdapterF
 Each plugs into the adapter wrappers either by writing a new adapter (combine) or through the
 `composer` hook of `lorakit.layers.LoraLayer`, which replaces the sum over active adapters."""
 
-from .combine import combine_adapters
-from .fusion import FusionConfig, add_fusion
-from .mixture import MixtureConfig, add_mixture, mixture_aux_loss, remove_mixture
-from .mixture_files import load_mixture, save_mixture
-from .per_sample import per_sample_adapters
-from .router import FitResult, Router
+from ..lazy import lazy_exports
 
-__all__ = ["combine_adapters", "per_sample_adapters", "Router", "FitResult", "MixtureConfig", "add_mixture", "FusionConfig",
-           "add_fusion", "mixture_aux_loss", "remove_mixture", "save_mixture", "load_mixture"]
+_EXPORTS = {
+    "combine_adapters": ".combine", "per_sample_adapters": ".per_sample", "Router": ".router", "FitResult": ".router",
+    "MixtureConfig": ".settings", "FusionConfig": ".settings", "add_mixture": ".mixture", "mixture_aux_loss": ".mixture",
+    "remove_mixture": ".mixture", "add_fusion": ".fusion", "save_mixture": ".mixture_files",
+    "load_mixture": ".mixture_files",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

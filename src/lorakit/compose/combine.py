@@ -54,14 +54,7 @@ from ..inject import (
 )
 from ..layers import LoraEmbedding, LoraLayer, LoraLinear
 from .merge_ops import MAJORITY_SIGN, merge_tasks
-
-SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
-           "magnitude_prune", "magnitude_prune_svd")
-_DENSITY_METHODS = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
-                    "magnitude_prune", "magnitude_prune_svd")
-_SIGN_METHODS = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
-_SEED_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
+from .settings import DENSITY_METHODS, METHODS, SEED_METHODS, SIGN_METHODS, SVD_METHODS
 
 
 def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float], method: str, name: str,
@@ -145,18 +138,18 @@ def check_options(n_adapters: int, weights: Sequence[float], method: str, densit
         raise ConfigError(f"got {len(weights)} weights for {n_adapters} adapters; give one weight per adapter")
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
         raise ConfigError(f"weights must be finite numbers, got {weights}")
-    if method in _DENSITY_METHODS:
+    if method in DENSITY_METHODS:
         if density is None:
             raise ConfigError(f"method {method!r} needs density, the fraction of entries kept, in (0, 1]")
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise ConfigError(f"density must be a number in (0, 1] (the fraction of entries kept), got {density!r}")
     elif density is not None:
-        raise ConfigError(f"density is only used by {', '.join(_DENSITY_METHODS)}; method {method!r} keeps every "
+        raise ConfigError(f"density is only used by {', '.join(DENSITY_METHODS)}; method {method!r} keeps every "
                           "entry, so drop it")
     if majority_sign not in MAJORITY_SIGN:
         raise ConfigError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
-    if majority_sign != "total" and method not in _SIGN_METHODS:
-        raise ConfigError(f"majority_sign is only used by {', '.join(_SIGN_METHODS)}; method {method!r} elects "
+    if majority_sign != "total" and method not in SIGN_METHODS:
+        raise ConfigError(f"majority_sign is only used by {', '.join(SIGN_METHODS)}; method {method!r} elects "
                           "no sign, so drop it")
     if svd_rank is not None:
         if method not in SVD_METHODS:
@@ -164,8 +157,8 @@ def check_options(n_adapters: int, weights: Sequence[float], method: str, densit
                               "follows from the inputs, so drop it")
         if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1:
             raise ConfigError(f"svd_rank must be an integer >= 1, got {svd_rank!r}")
-    if seed is not None and method not in _SEED_METHODS:
-        raise ConfigError(f"seed is only used by {', '.join(_SEED_METHODS)} (random DARE masks); method "
+    if seed is not None and method not in SEED_METHODS:
+        raise ConfigError(f"seed is only used by {', '.join(SEED_METHODS)} (random DARE masks); method "
                           f"{method!r} is deterministic, so drop it")
     return [float(w) for w in weights]
 

@@ -32,37 +32,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, LoraError
+from ..errors import LoraError
 from ..layers import LoraLinear
-from .mixture import ExpertComposer, attach, check_temperature
+from .mixture import ExpertComposer, attach
+from .settings import FusionConfig
 
 QK_INIT_STD = 0.02
-
-
-@dataclass
-class FusionConfig:
-    key_dim: int = 64
-    """Width d_k of the query and keys (per layer: Q is d_k x d_in, K is d_k x d_out)."""
-    value_rank: int | None = 16
-    """V = identity + a rank-r correction (starts at exactly the identity); null: a full d_out x d_out V."""
-    temperature: float = 1.0
-    """Attention softmax temperature: softmax(q.k / (temperature * sqrt(key_dim)))."""
-
-    def __post_init__(self) -> None:
-        for key in ("key_dim", "value_rank"):
-            value = getattr(self, key)
-            if value is None and key == "value_rank":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"FusionConfig.{key} must be an integer >= 1{' or None' if key == 'value_rank' else ''}, "
-                                  f"got {value!r}")
-        check_temperature(self)
 
 
 class AdapterFusion(ExpertComposer):

@@ -41,7 +41,6 @@ base, experts held by embedding or conv layers, and experts with `modules_to_sav
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -60,29 +59,7 @@ from ..inject import (
     wrappers,
 )
 from ..layers import LoraLayer, LoraLinear, ModulesToSave
-
-
-@dataclass
-class MixtureConfig:
-    top_k: int | None = None
-    """Experts mixed per token: null for all of them (dense softmax), k for the k most probable."""
-    temperature: float = 1.0
-    """Gate softmax temperature: softmax(logits / temperature); lower is sharper."""
-    renormalize: bool = True
-    """With top_k, rescale the kept probabilities to sum to 1 (false: Switch style, keeps top_k=1 trainable)."""
-
-    def __post_init__(self) -> None:
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise ConfigError(f"MixtureConfig.top_k must be an integer >= 1 or None (dense), got {self.top_k!r}")
-        check_temperature(self)
-
-
-def check_temperature(config: Any) -> None:
-    """A mixture or fusion config's softmax temperature is a finite number > 0."""
-    value = config.temperature
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ConfigError(f"{type(config).__name__}.temperature must be a number > 0, got {value!r}")
+from .settings import MixtureConfig
 
 
 @dataclass

@@ -19,16 +19,16 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..config import LoraConfig
+from ..config import NAME_RE, LoraConfig
 from ..errors import AdapterFileError, AdapterStateError, ConfigError, few
 from ..files import atomic_write, read_safetensors, read_text
-from ..inject import NAME_RE, delete_adapter, get_state, has_adapters
+from ..inject import delete_adapter, get_state, has_adapters
 from ..io import (
     full_adapter_state_dict,
     gather_full,
@@ -38,8 +38,9 @@ from ..io import (
     write_adapter,
 )
 from ..schema import from_dict
-from .fusion import FusionConfig, add_fusion
-from .mixture import MixtureConfig, add_mixture, composers, remove_mixture
+from .fusion import add_fusion
+from .mixture import add_mixture, composers, remove_mixture
+from .settings import FusionConfig, KindName, MixtureConfig
 
 CONFIG_NAME = "mixture_config.json"
 WEIGHTS_NAME = "mixture_model.safetensors"
@@ -62,7 +63,6 @@ def _add_fusion(model: nn.Module, experts: Sequence[str], config: FusionConfig, 
     return add_fusion(model, experts, config, trainable=trainable)
 
 
-KindName = Literal["moe", "fusion"]
 KINDS: dict[str, Kind] = dict(zip(get_args(KindName), (Kind(MixtureConfig, add_mixture), Kind(FusionConfig, _add_fusion)),
                                   strict=True))
 

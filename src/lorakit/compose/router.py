@@ -53,9 +53,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config import NAME_RE
 from ..errors import AdapterFileError, AdapterStateError, ConfigError, LoraError
 from ..files import atomic_write, read_safetensors
-from ..inject import BASE_NAME, NAME_RE, disable_adapters, has_adapters, list_adapters, model_name
+from ..inject import BASE_NAME, disable_adapters, has_adapters, list_adapters, model_name
 from ..schema import from_dict
 from .per_sample import per_sample_adapters
 

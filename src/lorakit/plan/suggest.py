@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..builtin.tasks import BUILTIN_DATA
+from ..builtin.names import BUILTIN_DATA
 from ..model_io import load_tokenizer
 from ..train.config import TrainConfig
 from ..train.data import build_datasets, load_records
+from .tasks import RANK_RULE, TASK_RANKS
 
-TASK_RANKS = {"style": 8, "format": 8, "domain": 16, "knowledge": 64, "reasoning": 64}
-_RANK_RULE = "style or format 8, domain adaptation 16, new knowledge or reasoning 64+"
 _DROPOUT_RULE = "0 above ~100k examples, 0.05-0.1 below 10k, 0.1-0.3 below 1k"
 SUPPORT = 10
 """Trainable parameters per trained token above which the rank outruns the data: LoRA's usual
@@ -77,8 +76,8 @@ def count_data(cfg: TrainConfig, examples: int | None, tokenizer_dir: Path | Non
 def suggestions(cfg: TrainConfig, data: DataSummary, task: str | None) -> list[Suggestion]:
     lora, n = cfg.lora, data.examples
     rank = TASK_RANKS[task] if task else None
-    out = [Suggestion("lora.r", rank, lora.r, f"{task} task; by task: {_RANK_RULE}" if task else
-                      f"by task: {_RANK_RULE} (say which with --task)")]
+    out = [Suggestion("lora.r", rank, lora.r, f"{task} task; by task: {RANK_RULE}" if task else
+                      f"by task: {RANK_RULE} (say which with --task)")]
     r = rank or lora.r
     alpha_reason = ("2r is the starting point; alpha/r scales the update exactly as the learning rate does, "
                     "so changing alpha is changing training.lr")

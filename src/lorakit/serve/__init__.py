@@ -18,10 +18,7 @@ from __future__ import annotations
 import importlib.util
 
 from ..errors import LoraError
-from .config import ServeConfig
-from .engine import Completion, Engine
-from .errors import ServeError
-from .sampling import SamplingParams
+from ..lazy import lazy_exports
 
 EXTRA = ("fastapi", "uvicorn")
 
@@ -42,4 +39,7 @@ def create_app(*args, **kwargs):
     return make(*args, **kwargs)
 
 
-__all__ = ["Completion", "Engine", "SamplingParams", "ServeConfig", "ServeError", "create_app", "require_extra"]
+_EXPORTS = {"Completion": ".engine", "Engine": ".engine", "SamplingParams": ".sampling", "ServeConfig": ".config",
+            "ServeError": ".errors"}
+__all__ = [*_EXPORTS, "create_app", "require_extra"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

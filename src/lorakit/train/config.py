@@ -14,26 +14,23 @@ CLI's `choices` and the README reference read the values from the type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Literal, get_args
 
-from ..builtin.model import BUILTIN_MODEL
-from ..builtin.tasks import BUILTIN_DATA
-from ..compose.fusion import FusionConfig
-from ..compose.mixture import MixtureConfig
-from ..compose.mixture_files import KindName
-from ..config import LoraConfig
-from ..dtypes import DtypeChoice
+from ..builtin.names import BUILTIN_DATA, BUILTIN_MODEL
+from ..compose.settings import FusionConfig, KindName, MixtureConfig
+from ..config import NAME_RE, LoraConfig
+from ..dtypes import DtypeChoice, QuantizeBase
 from ..errors import ConfigError
-from ..inject import NAME_RE
-from ..quantize import QuantizeBase
-from ..schema import apply_overrides, check_choices, from_dict, load_yaml
+from ..schema import check_choices, from_file_and_overrides
 
 DataFormat = Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"]
 DATA_FORMATS = get_args(DataFormat)
 Schedule = Literal["constant", "linear", "cosine"]
 Strategy = Literal["single", "ddp", "fsdp"]
 KernelChoice = Literal["auto", "triton", "torch"]
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]
+TRACKERS = get_args(TrackerName)
 
 
 @dataclass
@@ -222,8 +219,24 @@ class OutputSection:
     """The run directory: adapter, checkpoints, metrics, plot, resolved config, model card."""
     tensorboard: bool = True
     """Also log to TensorBoard (when the tensorboard package is installed)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get the run's name, config, per-step metrics and final adapter: any of tensorboard, wandb, mlflow (each an extra, e.g. pip install 'lorakit[wandb]'; a missing one is an error)."""
+    run_name: str | None = None
+    """The run's name in the trackers; None: the name of output.dir."""
     merged_model: bool = False
     """Also write the base with the adapter merged in, as a Hugging Face model directory (merged/)."""
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"output.report_to: unknown tracker {unknown[0]!r}; valid: {', '.join(TRACKERS)}")
+        twice = sorted({name for name in self.report_to if self.report_to.count(name) > 1})
+        if twice:
+            raise ConfigError(f"output.report_to names {twice[0]} twice; name each tracker once")
+        if "tensorboard" in self.report_to and not self.tensorboard:
+            raise ConfigError("output.report_to names tensorboard but output.tensorboard is false; drop one of them")
+        if self.run_name == "":
+            raise ConfigError("output.run_name is empty; give a name, or null for the name of output.dir")
 
 
 @dataclass
@@ -251,11 +264,72 @@ class TrainConfig:
                               "set training.strategy=single or model.quantize_base=none")
 
 
+OTHER_TOOLS_NAMES: dict[str, str] = {
+    "rank": "lora.r",
+    "lora_r": "lora.r",
+    "lora_rank": "lora.r",
+    "alpha": "lora.lora_alpha",
+    "dropout": "lora.lora_dropout",
+    "lora_target_modules": "lora.target_modules",
+    "lora_target": "lora.target_modules",
+    "lora_fan_in_fan_out": "lora.fan_in_fan_out",
+    "lora_modules_to_save": "lora.modules_to_save",
+    "peft_use_dora": "lora.use_dora",
+    "peft_use_rslora": "lora.use_rslora",
+    "base_model": "model.name_or_path",
+    "model_name_or_path": "model.name_or_path",
+    "torch_dtype": "model.dtype",
+    "load_in_4bit": "model.quantize_base",
+    "datasets": "data.train",
+    "dataset": "data.train",
+    "test_datasets": "data.eval",
+    "eval_dataset": "data.eval",
+    "val_set_size": "data.eval_fraction",
+    "val_size": "data.eval_fraction",
+    "max_seq_length": "data.max_seq_len",
+    "max_length": "data.max_seq_len",
+    "sequence_len": "data.max_seq_len",
+    "cutoff_len": "data.max_seq_len",
+    "sample_packing": "data.packing",
+    "max_train_samples": "data.max_samples",
+    "learning_rate": "training.lr",
+    "num_epochs": "training.epochs",
+    "num_train_epochs": "training.epochs",
+    "per_device_train_batch_size": "training.micro_batch_size",
+    "batch_size": "training.micro_batch_size",
+    "gradient_accumulation_steps": "training.grad_accum",
+    "lr_scheduler": "training.schedule",
+    "lr_scheduler_type": "training.schedule",
+    "loraplus_lr_ratio": "training.lora_plus_ratio",
+    "save_steps": "training.save_every",
+    "save_total_limit": "training.keep_last",
+    "eval_steps": "training.eval_every",
+    "logging_steps": "training.log_every",
+    "resume_from_checkpoint": "training.resume",
+    "output_dir": "output.dir",
+}
+"""The names PEFT, Hugging Face's TrainingArguments, TRL, axolotl and LLaMA-Factory give to what a
+lorakit key is, and that key: an unknown key of one of these names, in any section or at the top
+(as axolotl writes them), is answered with the lorakit key. Names that are lorakit's in another
+section (`seed`, `lora_dropout`, `micro_batch_size`) need no entry: the hint finds where they live."""
+
+
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (None: all defaults), apply `key.sub=value` overrides, validate."""
-    data: dict[str, Any] = load_yaml(path) if path else {}
-    apply_overrides(data, overrides or [])
-    try:
-        return from_dict(TrainConfig, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    """Read a YAML config (None: all defaults), apply `key.sub=value` overrides, validate. An error
+    names the file or the override it comes from."""
+    return from_file_and_overrides(TrainConfig, path, overrides or [], OTHER_TOOLS_NAMES)
+
+
+def flat_config(section: object, prefix: str = "") -> dict[str, object]:
+    """{key: value} for every key `lorakit train --help` lists (`training.lr`), from a config or one
+    of its sections: the params a tracker records, and what `lorakit compare` compares."""
+    values: dict[str, object] = {}
+    for f in fields(section):
+        if not f.init:
+            continue
+        value = getattr(section, f.name)
+        if is_dataclass(value):
+            values.update(flat_config(value, f"{prefix}{f.name}."))
+        else:
+            values[prefix + f.name] = value
+    return values

@@ -127,19 +127,20 @@ class DataReport:
     """Where the evaluation data came from."""
     max_seq_len: int = 0
     """The truncation length applied."""
+    splits: dict[str, SplitCount] = field(default_factory=dict)
+    """{"train" / "eval": what became of that split's records}."""
 
     def lines(self) -> list[str]:
-        """A human-readable summary, one fact per line."""
+        """A human-readable summary, one fact per line; the first line's counts add up to `read`."""
         formats = ", ".join(f"{name} {count}" for name, count in sorted(self.formats.items())) or "none"
         share = 100 * self.trained_tokens / self.train_tokens if self.train_tokens else 0.0
+        left_out = f"; {self.not_used} left out by data.max_samples" if self.not_used else ""
         out = [
-            f"data: read {self.read} records (formats: {formats})",
+            f"data: read {self.read} records (formats: {formats}{left_out})",
             f"train: {self.used_train} samples, {self.train_tokens} tokens, {self.trained_tokens} trained "
             f"({share:.1f}%)",
             f"eval: {self.used_eval} samples ({self.eval_from})",
         ]
-        if self.not_used:
-            out.append(f"max_samples: {self.not_used} training records not used")
         if self.truncated:
             out.append(f"truncated: {self.truncated} samples cut to max_seq_len={self.max_seq_len}")
         if self.dropped_no_target:
@@ -148,6 +149,26 @@ class DataReport:
                        f"({self.dropped_by_truncation} lost theirs to truncation, {before} had none, "
                        f"e.g. no assistant turn)")
         return out
+
+
+@dataclass
+class SplitCount:
+    """What became of one split's records once converted."""
+    records: int
+    """Converted (after the split and data.max_samples)."""
+    kept: int
+    """Kept as samples; the rest were dropped with no trained token."""
+    dropped_by_truncation: int
+    """Of the dropped, those that had trained tokens before truncation."""
+
+    def dropped_line(self, what: str, max_seq_len: int) -> str | None:
+        """Why fewer samples than records, or None when none were dropped."""
+        dropped = self.records - self.kept
+        if not dropped:
+            return None
+        cut = self.dropped_by_truncation
+        return (f"{dropped} of {self.records} {what} records dropped with no trained token ({cut} lost theirs to "
+                f"truncation at data.max_seq_len={max_seq_len}, {dropped - cut} had none)")
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -352,7 +373,11 @@ def _messages(record: dict, fmt: str, source: str) -> list[dict[str, str]]:
         if not isinstance(turn, dict):
             raise DataError(f"{where} must be an object with {role_key!r} and {text_key!r}, got {type(turn).__name__}")
         if role_key not in turn or text_key not in turn:
-            raise DataError(f"{where} needs {role_key!r} and {text_key!r} (keys: {', '.join(map(str, turn))})")
+            hint = ""
+            if fmt == "sharegpt" and "role" in turn and "content" in turn:
+                hint = ("; these are the chat format's keys: read the column as chat messages with "
+                        "data.columns={conversations: messages}")
+            raise DataError(f"{where} needs {role_key!r} and {text_key!r} (keys: {', '.join(map(str, turn))}){hint}")
         role, text = turn[role_key], turn[text_key]
         if fmt == "sharegpt":
             if not isinstance(role, str) or role not in SHAREGPT_ROLES:
@@ -367,7 +392,9 @@ def _messages(record: dict, fmt: str, source: str) -> list[dict[str, str]]:
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    # verbose=False: no "Token indices sequence length is longer than ..." from transformers; the
+    # samples are truncated to data.max_seq_len and counted in the data report instead
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 
 
 def _eos(tokenizer: Any, source: str) -> int:
@@ -413,7 +440,7 @@ def _chat_example(messages: list[dict[str, str]], source: str, tokenizer: Any, c
                 f"renders every turn the same wherever it stands, or set data.train_on_inputs: true")
         spans.append((len(before), len(upto)))
     try:
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)   # see _encode
     except NotImplementedError:
         raise DataError("chat-like data needs a fast tokenizer (offsets map turns to tokens); load the model's "
                         "tokenizer with use_fast=True") from None
@@ -473,8 +500,8 @@ def build_datasets(cfg: DataSection, tokenizer: Any, seed: int) -> tuple[list[Ex
         report.not_used = len(train_records) - cfg.max_samples
         train_records = train_records[:cfg.max_samples]
 
-    train = _convert(train_records, tokenizer, cfg, report)
-    evals = _convert(eval_records, tokenizer, cfg, report)
+    train = _convert(train_records, tokenizer, cfg, report, "train")
+    evals = _convert(eval_records, tokenizer, cfg, report, "eval")
     if not train:
         raise DataError(_empty_message("training", cfg.train, len(train_records), report))
     if eval_records and not evals:
@@ -485,8 +512,10 @@ def build_datasets(cfg: DataSection, tokenizer: Any, seed: int) -> tuple[list[Ex
     return train, evals, report
 
 
-def _convert(records: list[tuple[dict, str]], tokenizer: Any, cfg: DataSection, report: DataReport) -> list[Example]:
+def _convert(records: list[tuple[dict, str]], tokenizer: Any, cfg: DataSection, report: DataReport,
+             split: str) -> list[Example]:
     formats: Counter[str] = Counter(report.formats)
+    cut_before = report.dropped_by_truncation
     out = []
     for record, source in records:
         fmt = detect_format(record, source) if cfg.format == "auto" else cfg.format
@@ -503,6 +532,7 @@ def _convert(records: list[tuple[dict, str]], tokenizer: Any, cfg: DataSection, 
             continue
         out.append(example)
     report.formats = dict(formats)
+    report.splits[split] = SplitCount(len(records), len(out), report.dropped_by_truncation - cut_before)
     return out
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -45,6 +44,7 @@ from tqdm import tqdm
 from .. import inject, io
 from ..errors import LoraError
 from ..model_io import load_model, load_tokenizer, resolve_device
+from ..progress import LogLines, progress
 from ..schema import to_dict
 from ..verbs.merge import merge_to_model_dir
 from . import checkpoint as ckpt
@@ -61,6 +61,7 @@ from .report import RunSummary, eval_line, eval_row, model_card, print_summary, 
 from .run_dir import RunLock, remove_leftovers
 from .schedule import lr_at
 from .signals import StopOnSignal, TrainingInterrupted
+from .trackers import open_trackers
 from .trainee import Trainee, trainee_for
 
 
@@ -75,6 +76,8 @@ def train(cfg: TrainConfig) -> RunSummary:
     after the step under way, its checkpoint written."""
     with ExitStack() as cleanup:
         run = setup(cfg, cleanup)
+        if isinstance(run, RunSummary):   # resumed from its last step: nothing to train, nothing changed
+            return run
         with run.stop:
             for step in range(run.start, run.total_steps):
                 stats = train_step(run, step)
@@ -114,7 +117,7 @@ class Run:
     """Input tokens of this process's micro-batches so far, for the throughput."""
     t0: float = 0.0
     """`time.perf_counter()` when the steps began, for the throughput."""
-    bar: tqdm | None = None
+    bar: tqdm | LogLines | None = None
     stop: StopOnSignal = field(default_factory=StopOnSignal)
 
 
@@ -136,10 +139,11 @@ class StepStats:
     """A process got SIGTERM or SIGINT before the step's loss was summed: all of them stop after it."""
 
 
-def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run:
+def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run | RunSummary:
     """Everything before the first step, the evaluation before training included, in an order the
     random draws depend on: the adapter's initialisation follows the seed, and from there each
-    process draws its own dropout masks."""
+    process draws its own dropout masks. Resuming a run that is complete (its checkpoint is at the
+    last step) returns the summary instead, before anything in the run directory is touched."""
     t = cfg.training
     out = Path(cfg.output.dir)
     dist = Dist.setup(t.strategy, resolve_device(cfg.model.device))
@@ -180,10 +184,17 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run:
         _check_same_run(ckpt.read_checkpoint_config(resume_from), resolved, resume_from)
         state = ckpt.load_checkpoint(resume_from, model, optimizer, trainee, dist)
         start, stream = state.step, RowStream(len(rows), t.seed, state.epoch, state.position)
+        if start >= total_steps:
+            log(f"already complete at step {start} of {total_steps} ({resume_from}); nothing was changed. "
+                "To train further, raise training.max_steps")
+            dist.close()
+            return RunSummary(out, start, None, None, tokens_per_s=0.0, peak_memory_bytes=0, losses=[])
         log(f"resumed from {resume_from} at step {start}")
     metrics = None
     if dist.is_main:
-        metrics = MetricsLog(out, start if resume_from else None, cfg.output.tensorboard)
+        resume_step = start if resume_from else None
+        trackers = open_trackers(cfg, out, resolved, resume_step, log)   # one not installed stops the run here
+        metrics = cleanup.enter_context(MetricsLog(out, resume_step, trackers))   # a failure ends them as failed
 
     use_bf16 = t.bf16 is True or (t.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
@@ -198,8 +209,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run:
         if metrics:
             metrics.log({"step": 0, "epoch": 0, **eval_row(run.eval_before)})
     run.t0 = time.perf_counter()
-    run.bar = tqdm(total=total_steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True,
-                   mininterval=0.5, file=sys.stderr)
+    run.bar = progress(total_steps, "train", initial=start, enabled=dist.is_main)
     cleanup.callback(run.bar.close)   # on a failure too, so that the error starts a line of its own
     return run
 
@@ -273,8 +283,8 @@ def after_step(run: Run, step: int, stats: StepStats) -> None:
     run.tokens_seen += stats.tokens
     elapsed = time.perf_counter() - run.t0
     tok_s = run.tokens_seen * dist.world / max(elapsed, 1e-9)
+    run.bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
     run.bar.update(1)
-    run.bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tok_s:,.0f}")
     row = {"step": done, "epoch": round(run.stream.epochs_done, 4), "loss": stats.loss, "lr": stats.lr,
            "grad_norm": stats.grad_norm, "trained_tokens": stats.trained_tokens, "tokens_per_s": round(tok_s, 1),
            "elapsed_s": round(elapsed, 3), **stats.aux}
@@ -310,6 +320,7 @@ def finish(run: Run) -> RunSummary:
     if dist.is_main:
         run.metrics.close()
         _write_run_dir(run, trained, summary)
+        run.metrics.finish(run.out)   # after the adapter is written: the trackers record it
         print_summary(summary, run.log)
     dist.barrier()
     dist.close()
@@ -391,11 +402,18 @@ def _check_same_run(saved: dict, current: dict, where: Path) -> None:
         a, b = saved, current
         for k in path:
             a, b = a.get(k), b.get(k)
-        if a != b:
-            changed.append(".".join(path))
+        changed += _differences(".".join(path), a, b)
     if changed:
-        raise LoraError(f"cannot resume from {where}: {', '.join(changed)} differ from the checkpoint's config.yaml; "
-                        "resume with the same settings or start a new output.dir")
+        raise LoraError(f"cannot resume from {where}: {'; '.join(changed)}. Resume with the checkpoint's settings or "
+                        "start a new output.dir")
+
+
+def _differences(key: str, saved: Any, current: Any) -> list[str]:
+    """'key: A in the checkpoint, B now' for each leaf setting that differs under `key`."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [line for k in dict.fromkeys([*saved, *current])
+                for line in _differences(f"{key}.{k}", saved.get(k), current.get(k))]
+    return [] if saved == current else [f"{key}: {saved!r} in the checkpoint, {current!r} now"]
 
 
 def _save(run: Run, step: int) -> Path:

@@ -1,24 +1,29 @@
-"""Run metrics: a CSV row per logged step (the record a resumed run continues), TensorBoard when
-installed, and a loss-curve PNG at the end."""
+"""Run metrics: a CSV row per logged step (the record a resumed run continues), the same rows sent
+to the run's experiment trackers (lorakit.train.trackers), and a loss-curve PNG at the end."""
 
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 
 from ..files import atomic_write
+from .trackers import Tracker
 
 COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "trained_tokens", "tokens_per_s", "elapsed_s",
            "eval_loss", "eval_ppl", "eval_exact_match", "balance_loss", "z_loss"]
 
 
 class MetricsLog:
-    """Appends rows to `metrics.csv`. Opening it for a resumed run first drops rows beyond the
-    checkpoint's step, which the interrupted run may have logged before it died; that rewrite goes
-    through a temporary file, so the history survives a kill or a full disk at that moment."""
+    """Appends rows to `metrics.csv` and sends them to `trackers`. Opening it for a resumed run first
+    drops rows beyond the checkpoint's step, which the interrupted run may have logged before it
+    died; that rewrite goes through a temporary file, so the history survives a kill or a full disk
+    at that moment. Used as a context manager, leaving the block with an exception ends the
+    trackers `finish` has not ended as failed runs."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
+    def __init__(self, out_dir: Path, resume_step: int | None, trackers: Sequence[Tracker] = ()) -> None:
         self.path = out_dir / "metrics.csv"
         rows = self.read(self.path) if resume_step is not None and self.path.is_file() else []
         rows = [r for r in rows if int(r["step"]) <= (resume_step or 0)]
@@ -32,20 +37,33 @@ class MetricsLog:
         atomic_write(self.path, write)   # a kill or a full disk here leaves the history whole
         self._file = self.path.open("a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
-        self._tb = _tensorboard_writer(out_dir / "tensorboard") if tensorboard else None
+        self._trackers = list(trackers)
 
     def log(self, row: dict[str, float | int | None]) -> None:
         self._writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
         self._file.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and v is not None:
-                    self._tb.add_scalar(k, v, row["step"])
+        values = {k: v for k, v in row.items() if k != "step" and v is not None}
+        for tracker in self._trackers:
+            tracker.log(values, int(row["step"]))
 
     def close(self) -> None:
+        """Close `metrics.csv`; it is complete."""
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+
+    def finish(self, run_dir: Path) -> None:
+        """The run succeeded and `run_dir` holds its final adapter: each tracker records it and ends.
+        One that fails to leaves those after it to `__exit__`, which ends them as failed."""
+        while self._trackers:
+            self._trackers.pop(0).finish(run_dir)
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+        while kind is not None and self._trackers:   # the run failed or was interrupted before `finish`
+            self._trackers.pop(0).close()
 
     @staticmethod
     def read(path: Path) -> list[dict[str, str]]:
@@ -59,14 +77,6 @@ def _fmt(value):
     if isinstance(value, float):
         return repr(value)   # full precision: resumed and uninterrupted runs compare exactly
     return value
-
-
-def _tensorboard_writer(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:   # tensorboard is an optional extra
-        return None
-    return SummaryWriter(str(path))
 
 
 def plot_losses(metrics_csv: Path, out_png: Path) -> None:

@@ -77,5 +77,7 @@ def _holder(path: Path) -> str:
 
 def remove_leftovers(out: Path) -> list[Path]:
     """Remove the hidden temporaries a killed run left (half-written checkpoints, a metrics file
-    being rewritten); only the lock holder may, as a live run's temporaries look the same."""
-    return remove_temporaries(out / "checkpoints", "step-*") + remove_temporaries(out, "metrics.csv")
+    being rewritten, the trackers' run ids); only the lock holder may, as a live run's temporaries
+    look the same."""
+    return (remove_temporaries(out / "checkpoints", "step-*") + remove_temporaries(out, "metrics.csv")
+            + remove_temporaries(out, "trackers.json"))

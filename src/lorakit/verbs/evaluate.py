@@ -4,17 +4,30 @@ data file (the metrics are `lorakit.train.evaluate.evaluate`)."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LoraError
 from ..train.config import load_config
-from ..train.data import build_datasets
+from ..train.data import SplitCount, build_datasets
 from ..train.evaluate import EvalResult, evaluate
 from .generate import load_for_inference
 
 
+@dataclass
+class EvalRun:
+    """The scores, and what became of the records scored: a sample with no trained token left
+    after truncation has no loss, so it is not among `result.n_examples`, and the user is told."""
+    result: EvalResult
+    records: SplitCount
+    max_seq_len: int
+
+    def dropped_line(self) -> str | None:
+        return self.records.dropped_line("evaluation", self.max_seq_len)
+
+
 def run_eval(config: str | None, overrides: list[str], data: str | None = None, model: str | None = None,
-             adapters: list[str] | None = None, batch_size: int = 8) -> EvalResult:
+             adapters: list[str] | None = None, batch_size: int = 8) -> EvalRun:
     """`lorakit eval`: the config's model with its trained adapter (output.dir) or the given ones,
     on the config's evaluation data or on `data`."""
     cfg = load_config(config, overrides)
@@ -24,9 +37,11 @@ def run_eval(config: str | None, overrides: list[str], data: str | None = None, 
                                         cfg.model.device)
     if data is not None:
         section = dataclasses.replace(cfg.data, train=data, eval=None, eval_fraction=0.0, max_samples=None)
-        examples, _, _ = build_datasets(section, tokenizer, cfg.training.seed)
+        examples, _, report = build_datasets(section, tokenizer, cfg.training.seed)
+        records = report.splits["train"]
     else:
-        _, examples, _ = build_datasets(cfg.data, tokenizer, cfg.training.seed)
+        _, examples, report = build_datasets(cfg.data, tokenizer, cfg.training.seed)
+        records = report.splits["eval"]
     if not examples:
         raise LoraError("no evaluation data: set data.eval or data.eval_fraction in the config, or pass --data FILE")
-    return evaluate(net, tokenizer, examples, batch_size, net.device)
+    return EvalRun(evaluate(net, tokenizer, examples, batch_size, net.device), records, cfg.data.max_seq_len)

@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..dtypes import TORCH_DTYPES
 from ..errors import LoraError
 from ..files import atomic_dir
 from ..inject import unload
 from ..io import base_model_of, load_adapter
-from ..model_io import load_model, load_tokenizer
+from ..model_io import TORCH_DTYPES, load_model, load_tokenizer
 from ..quantize import dequantize_linears
 
 
