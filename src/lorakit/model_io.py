@@ -5,7 +5,6 @@ turn a prompt or chat messages into the token ids generation starts from."""
 from __future__ import annotations
 
 import os
-import sys
 from typing import get_args
 
 import torch
@@ -13,12 +12,12 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from .builtin.model import builtin_model_dir
 from .builtin.names import BUILTIN_MODEL
 from .dtypes import DtypeName
 from .errors import ConfigError, LoraError
+from .progress import quiet_library_bars
 from .quantize import QUANTIZE_BASE, quantize_linears
 
 TORCH_DTYPES: dict[str, torch.dtype] = dict(zip(get_args(DtypeName), (torch.float32, torch.bfloat16, torch.float16),
@@ -108,8 +107,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", att
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     _check_exists(name_or_path, path)
-    if not sys.stderr.isatty():   # transformers' "Loading weights" bar would leave its redraws in a log
-        hf_logging.disable_progress_bar()
+    quiet_library_bars()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, attn_implementation=attn_implementation, revision=revision,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 
 class LogLines:
@@ -48,6 +49,13 @@ class LogLines:
         self.file.write(", ".join(parts) + "\n")
         self.file.flush()
         self.last, self.written_at = now, self.n
+
+
+def quiet_library_bars() -> None:
+    """When stderr is not a terminal, turn off transformers' own bars ("Loading weights", "Writing
+    model shards"), which would leave their redraws in the log as lorakit's bar would."""
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
 
 
 def progress(total: int, desc: str, initial: int = 0, enabled: bool = True, file: IO[str] | None = None,

@@ -26,7 +26,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ..files import atomic_dir
-from ..progress import progress
+from ..progress import progress, quiet_library_bars
 from .names import BUILTIN_MODEL, cache_root
 
 VERSION = "v2"   # bump when the model or tokenizer below changes: the cache key
@@ -183,6 +183,7 @@ def builtin_model_dir() -> Path:
     with atomic_dir(target, built_by_another=lambda: (target / "config.json").is_file()) as tmp:
         print(f"building the built-in model {BUILTIN_MODEL} into {target} (first use only; about a minute on two "
               "CPU cores)", file=sys.stderr, flush=True)
+        quiet_library_bars()
         tokenizer = build_tokenizer()
         # a first use may come from inside a caller's no_grad / inference_mode block
         with torch.inference_mode(False), torch.enable_grad():
