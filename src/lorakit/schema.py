@@ -236,19 +236,36 @@ def check_choices(obj: Any, section: str) -> None:
         allowed = _choices(hints[f.name])
         value = getattr(obj, f.name)
         if allowed is not None and not any(type(value) is type(a) and value == a for a in allowed):
-            raise ConfigError(f"{section}.{f.name} must be one of {', '.join(map(_as_yaml, allowed))}, "
+            raise ConfigError(f"{section}.{f.name} must be one of {', '.join(map(as_yaml, allowed))}, "
                               f"got {value!r}")
 
 
-def _as_yaml(value: Any) -> str:
-    """A choice as a config file spells it: true, false, null, or the bare string."""
+def as_yaml(value: Any) -> str:
+    """A value as a config file spells it: true, false, null, [a, b], or the bare string."""
     if value is None:
         return "null"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(map(as_yaml, value)) + "]"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+def flat_config(section: object, prefix: str = "") -> dict[str, object]:
+    """{dotted key: value} for every leaf field of a config dataclass (`training.lr`), the keys
+    `reference` lists: the params a tracker records, and what `lorakit compare` compares."""
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(section):
+        if not f.init:
+            continue
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            values.update(flat_config(value, f"{prefix}{f.name}."))
+        else:
+            values[prefix + f.name] = value
+    return values
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -12,8 +12,9 @@ import pytest
 
 from lorakit.cli import main as cli_main
 from lorakit.errors import ConfigError, LoraError
+from lorakit.schema import flat_config
 from lorakit.train import loop
-from lorakit.train.config import flat_config, load_config
+from lorakit.train.config import load_config
 from lorakit.train.metrics import MetricsLog
 
 

@@ -14,7 +14,7 @@ CLI's `choices` and the README reference read the values from the type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from ..builtin.names import BUILTIN_DATA, BUILTIN_MODEL
@@ -318,18 +318,3 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     """Read a YAML config (None: all defaults), apply `key.sub=value` overrides, validate. An error
     names the file or the override it comes from."""
     return from_file_and_overrides(TrainConfig, path, overrides or [], OTHER_TOOLS_NAMES)
-
-
-def flat_config(section: object, prefix: str = "") -> dict[str, object]:
-    """{key: value} for every key `lorakit train --help` lists (`training.lr`), from a config or one
-    of its sections: the params a tracker records, and what `lorakit compare` compares."""
-    values: dict[str, object] = {}
-    for f in fields(section):
-        if not f.init:
-            continue
-        value = getattr(section, f.name)
-        if is_dataclass(value):
-            values.update(flat_config(value, f"{prefix}{f.name}."))
-        else:
-            values[prefix + f.name] = value
-    return values

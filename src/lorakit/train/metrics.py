@@ -79,30 +79,40 @@ def _fmt(value):
     return value
 
 
+def series(rows: Sequence[dict[str, str]], column: str) -> list[tuple[int, float]]:
+    """(step, value) of each metrics.csv row in which `column` was measured."""
+    return [(int(r["step"]), float(r[column])) for r in rows if r[column]]
+
+
 def plot_losses(metrics_csv: Path, out_png: Path) -> None:
-    """Train loss (and eval loss where measured) against the step."""
+    """A run's train loss (and eval loss where measured) against the step."""
+    plot_loss_curves([("", MetricsLog.read(metrics_csv))], out_png)
+
+
+def plot_loss_curves(runs: Sequence[tuple[str, Sequence[dict[str, str]]]], out_png: Path) -> None:
+    """Each run's train loss as a line and its eval losses as points of the same colour, written to
+    `out_png` atomically; runs are (name, metrics.csv rows), one named "" being a run's own plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = MetricsLog.read(metrics_csv)
-    train = [(int(r["step"]), float(r["loss"])) for r in rows if r["loss"]]
-    evals = [(int(r["step"]), float(r["eval_loss"])) for r in rows if r["eval_loss"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per trained token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_png)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        for i, (name, rows) in enumerate(runs):
+            colour, prefix = f"C{i % 10}", f"{name} " if name else ""
+            if train := series(rows, "loss"):
+                ax.plot(*zip(*train, strict=True), color=colour, linewidth=1, label=f"{prefix}train loss")
+            if evals := series(rows, "eval_loss"):
+                ax.plot(*zip(*evals, strict=True), "o--", color=colour, label=f"{prefix}eval loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (per trained token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def perplexity(loss: float) -> float:

@@ -34,7 +34,8 @@ from .. import io
 from ..compose import mixture_files
 from ..errors import LoraError
 from ..files import atomic_write, read_text
-from .config import TRACKERS, TrainConfig, flat_config
+from ..schema import flat_config
+from .config import TRACKERS, TrainConfig
 
 STATE_NAME = "trackers.json"
 """In the run directory: {tracker: run id} of the W&B and MLflow runs, for a resumed run to continue."""

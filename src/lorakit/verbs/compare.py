@@ -13,15 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import LoraError
-from ..files import atomic_write
-from ..train.config import TrainConfig, flat_config, load_config
-from ..train.metrics import MetricsLog
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
+from ..schema import as_yaml, flat_config
+from ..train.config import TrainConfig, load_config
+from ..train.metrics import MetricsLog, plot_loss_curves, series
 
 KEY_SETTINGS = ["model.name_or_path", "lora.r", "lora.lora_alpha", "lora.target_modules", "lora.lora_dropout",
                 "training.lr", "training.schedule", "training.warmup_steps"]
@@ -41,7 +37,7 @@ def compare_runs(run_dirs: Sequence[str | Path], plot_path: str | Path) -> str:
     plot = Path(plot_path)
     if not plot.parent.is_dir():
         raise LoraError(f"cannot write the plot to {plot}: {plot.parent} is not a directory")
-    _plot(names, [rows for _, rows in runs], plot)
+    plot_loss_curves([(name, rows) for name, (_, rows) in zip(names, runs, strict=True)], plot)
     return _table(names, runs)
 
 
@@ -67,22 +63,11 @@ def _unique_names(dirs: list[Path]) -> list[str]:
     return unique
 
 
-def _show(value: object) -> str:
-    """A setting as a config file spells it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(map(_show, value)) + "]"
-    return str(value)
-
-
 def _settings(runs: list[tuple[TrainConfig, list[dict[str, str]]]]) -> list[tuple[str, list[str]]]:
     """(setting, its value in each run): the key settings, then the others in which the runs differ."""
-    flat = [{k: _show(v) for k, v in flat_config(cfg).items()} for cfg, _ in runs]
+    flat = [{k: as_yaml(v) for k, v in flat_config(cfg).items()} for cfg, _ in runs]
     settings = [(key, [f[key] for f in flat]) for key in KEY_SETTINGS]
-    settings.append(("steps", [str(max((s for s, _ in _series(rows, "loss")), default=0)) for _, rows in runs]))
+    settings.append(("steps", [str(max((s for s, _ in series(rows, "loss")), default=0)) for _, rows in runs]))
     settings.append((BATCH, [f"{cfg.training.micro_batch_size} x {cfg.training.grad_accum}" for cfg, _ in runs]))
     settings += [(key, [f[key] for f in flat]) for key in LATER_SETTINGS]
     shown = set(KEY_SETTINGS) | set(LATER_SETTINGS) | IN_THE_BATCH_ROW
@@ -91,14 +76,10 @@ def _settings(runs: list[tuple[TrainConfig, list[dict[str, str]]]]) -> list[tupl
     return settings
 
 
-def _series(rows: list[dict[str, str]], column: str) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[column])) for r in rows if r[column]]
-
-
 def _figures(rows: list[dict[str, str]]) -> list[tuple[str, str]]:
     """The figures a run ended with, from its metrics.csv ("-" where it has none)."""
-    train, evals = _series(rows, "loss"), _series(rows, "eval_loss")
-    exact, speed = _series(rows, "eval_exact_match"), _series(rows, "tokens_per_s")
+    train, evals = series(rows, "loss"), series(rows, "eval_loss")
+    exact, speed = series(rows, "eval_exact_match"), series(rows, "tokens_per_s")
     tokens = [int(r["trained_tokens"]) for r in rows if r["trained_tokens"]]
     steps = max((s for s, _ in train), default=0)
     trained = f"{sum(tokens):,}" if tokens else "-"
@@ -134,32 +115,3 @@ def _table(names: list[str], runs: list[tuple[TrainConfig, list[dict[str, str]]]
     if len(names) > 1:
         lines += ["", f"{DIFFERS} differs between the runs"]
     return "\n".join(lines)
-
-
-def _plot(names: list[str], runs: list[list[dict[str, str]]], out_png: Path) -> None:
-    """Each run's train loss as a line and its eval losses as points of the same colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    try:
-        _draw(ax, names, runs)
-        fig.tight_layout()
-        atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-
-
-def _draw(ax: Axes, names: list[str], runs: list[list[dict[str, str]]]) -> None:
-    for i, (name, rows) in enumerate(zip(names, runs, strict=True)):
-        colour = f"C{i % 10}"
-        if train := _series(rows, "loss"):
-            ax.plot(*zip(*train, strict=True), color=colour, linewidth=1, label=f"{name} train")
-        if evals := _series(rows, "eval_loss"):
-            ax.plot(*zip(*evals, strict=True), "o--", color=colour, label=f"{name} eval")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per trained token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
