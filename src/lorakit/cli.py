@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .verbs.evaluate import run_eval
 
     run = run_eval(args.config, args.overrides, data=args.data, model=args.model, adapters=args.adapter,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, attn_implementation=args.attn_implementation)
     result = run.result
     em = f" exact_match={result.exact_match:.4f}" if result.exact_match is not None else ""
     print(f"eval_loss={result.loss:.4f} perplexity={result.ppl:.3f}{em} examples={result.n_examples}")
@@ -68,7 +68,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .verbs.merge import merge_to_model_dir
 
     out = merge_to_model_dir(args.adapter_dir, args.out, dtype=args.dtype, base=args.base,
-                             max_shard_size=args.max_shard_size, quantize_base=args.quantize_base)
+                             max_shard_size=args.max_shard_size, quantize_base=args.quantize_base,
+                             attn_implementation=args.attn_implementation)
     print(f"merged model written to {out}/")
     return 0
 
@@ -102,7 +103,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as e:
             raise LoraError(f"--messages is not valid JSON (line {e.lineno}: {e.msg}); give a list of "
                             '{"role": ..., "content": ...} objects or a file holding one') from None
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, _device(args.device))
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, _device(args.device),
+                                          args.attn_implementation)
     text = generate_text(model, tokenizer, prompt=args.prompt, messages=messages, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          stream=None if args.no_stream else sys.stdout)
@@ -114,7 +116,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .verbs.generate import chat_loop, load_for_inference
 
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, _device(args.device))
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, _device(args.device),
+                                          args.attn_implementation)
     chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     return 0
@@ -144,7 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plan = make_plan(load_config(args.config, args.overrides), model=args.model,
                      memory=parse_size(args.memory) if args.memory else None, examples=args.examples, task=args.task,
-                     new_tokens=args.new_tokens, device=args.device)
+                     new_tokens=args.new_tokens, device=args.device, processes=args.nproc)
     print(render_json(plan) if args.json else render_text(plan))
     return 0
 
@@ -170,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
     loaded = load_server(args.model, args.adapter, args.adapters_dir, args.router, config,
                          served_model_name=args.served_model_name, dtype=args.dtype,
-                         device=_device(args.device))
+                         device=_device(args.device), attn_implementation=args.attn_implementation)
     run(loaded, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -192,6 +195,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="auto", choices=get_args(DtypeChoice))
     p.add_argument("--device", default="auto")
+    _attention_arg(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     docs = field_docs(ServeConfig)
     for f in dataclasses.fields(ServeConfig):
@@ -208,6 +212,14 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", default="auto", choices=get_args(DtypeChoice))
     p.add_argument("--device", default="auto")
+    _attention_arg(p)
+
+
+def _attention_arg(p: argparse.ArgumentParser, default: str | None = "auto", shown: str = "auto") -> None:
+    p.add_argument("--attn-implementation", default=default, metavar="NAME",
+                   help="transformers attention implementation: auto (transformers' choice for the model: sdpa, or "
+                        f"eager where the model has no sdpa, as Gemma 2), sdpa, eager, flash_attention_2, ... "
+                        f"(default {shown})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (instead of the config's)")
     p.add_argument("--adapter", action="append", help="adapter directory (default: the config's output.dir)")
     p.add_argument("--batch-size", type=int, default=8)
+    _attention_arg(p, default=None, shown="the config's model.attn_implementation")
     p.set_defaults(run=cmd_eval)
 
     p = verbs.add_parser("merge", help="write base + adapter as a plain Hugging Face model directory")
@@ -252,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-base", choices=get_args(QuantizeBase),
                    help="merge into the NF4-dequantized base a QLoRA adapter trained on (default: as the run's "
                         "config.yaml says, else none)")
+    _attention_arg(p)
     p.set_defaults(run=cmd_merge)
 
     p = verbs.add_parser("combine", help="combine several adapters into one (linear, cat, svd, ties, dare, ...)")
@@ -292,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=list(TASK_RANKS), help="what the adapter should learn, for the rank suggestion")
     p.add_argument("--new-tokens", type=int, default=0, help="tokens you add to the vocabulary")
     p.add_argument("--device", choices=["cuda", "cpu"], help="plan for (default: cuda unless model.device is cpu)")
+    p.add_argument("--nproc", type=int, default=1, help="processes of a training.strategy ddp or fsdp run, as "
+                   "lorakit train --nproc takes them; the memory is then per process (default 1, whatever "
+                   "WORLD_SIZE says)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_plan)
 

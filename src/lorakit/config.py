@@ -43,7 +43,6 @@ _PEFT_OFF_KEYS: dict[str, Any] = {
     "lora_ga_config": None,
     "megatron_config": None,
     "monteclora_config": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "use_bdlora": None,
     "use_qalora": False,
@@ -121,6 +120,11 @@ class LoraConfig:
     "all-linear". None uses the model type's default (e.g. q_proj, v_proj for Llama)."""
     exclude_modules: str | list[str] | None = None
     """Modules never to adapt, by the same rules as `target_modules`."""
+    target_parameters: list[str] | None = None
+    """Parameters to adapt directly (PEFT's `target_parameters`), e.g. the fused expert weights of a
+    mixture-of-experts model: "mlp.experts.gate_up_proj" matches a parameter whose full name is
+    that or ends with "." + it. "all-linear" adds every fused expert weight of the model itself.
+    With `target_modules` None, only these parameters are adapted (PEFT's rule)."""
     bias: str = "none"
     """Which base biases train: "none", "all", or "lora_only" (those of adapted layers)."""
     fan_in_fan_out: bool = False
@@ -186,6 +190,13 @@ class LoraConfig:
                 _compile(f"LoraConfig.{name}", value)
             elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise ConfigError(f"LoraConfig.{name} must be a regex string or a list of module names, got {value!r}")
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = list(self.target_parameters)
+        if self.target_parameters is not None and not (
+            isinstance(self.target_parameters, list) and all(isinstance(v, str) and v for v in self.target_parameters)
+        ):
+            raise ConfigError("LoraConfig.target_parameters must be a list of parameter names (e.g. "
+                              f"['mlp.experts.gate_up_proj']), got {self.target_parameters!r}")
         if self.modules_to_save is not None and not (
             isinstance(self.modules_to_save, list) and all(isinstance(v, str) and v for v in self.modules_to_save)
         ):
@@ -228,8 +239,15 @@ class LoraConfig:
     # ---- PEFT JSON ---------------------------------------------------------------------------
 
     def to_peft_dict(self) -> dict[str, Any]:
-        """The `adapter_config.json` content: the keys every PEFT version reads."""
+        """The `adapter_config.json` content: the keys every PEFT version reads, and
+        `target_parameters` (PEFT 0.17 and later) only when there are any. PEFT refuses
+        `lora_dropout` > 0 next to `target_parameters`; dropout acts in training only, so an
+        adapter with adapted parameters is written with 0, which PEFT, vLLM and lorakit load."""
         d = asdict(self)
+        if not self.target_parameters:
+            del d["target_parameters"]
+        else:
+            d["lora_dropout"] = 0.0
         d["peft_type"] = "LORA"
         return dict(sorted(d.items()))
 

@@ -24,6 +24,10 @@ class AdapterFileError(LoraError):
     """An adapter directory or file is missing pieces, corrupt, or does not fit the model."""
 
 
+class DataError(LoraError):
+    """A data file or record cannot be read or used (the message names the file and line)."""
+
+
 def few(items: Sequence[str], n: int = 5) -> str:
     """The first `n` of a long list for a message, and how many more there are."""
     return ", ".join(items[:n]) + (f", ... {len(items) - n} more" if len(items) > n else "")

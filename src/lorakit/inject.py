@@ -11,8 +11,12 @@ Target matching is PEFT's, so a config means the same module set in both tools:
     `config.match_name`);
   - a list matches a name equal to an entry or ending with "." + entry, then
     `layers_to_transform` / `layers_pattern` filter by layer index;
-  - "all-linear" is every nn.Linear / Conv1D except the output head;
-  - `exclude_modules` (same rules) and the `modules_to_save` modules are never targets.
+  - "all-linear" is every nn.Linear / Conv1D except the output head, and (beyond PEFT, whose
+    "all-linear" misses them) every fused expert weight of a mixture-of-experts model;
+  - `exclude_modules` (same rules) and the `modules_to_save` modules are never targets;
+  - `target_parameters` entries match a parameter's full name, or its end after a ".".
+Adapted parameters (`lorakit.param_layer`) are resolved into the saved config's
+`target_parameters`, so PEFT loads what lorakit trained.
 """
 
 from __future__ import annotations
@@ -29,13 +33,16 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .base_types import CONV_TYPES, LINEAR_TYPES
+from .base_types import CONV_TYPES, LINEAR_TYPES, expert_parameters
 from .config import DEFAULT_TARGET_MODULES, NAME_RE, LoraConfig, match_name
 from .errors import AdapterStateError, ConfigError, LoraError, TargetModulesError
+from .hf_saving import install_save_pretrained, restore_save_pretrained
 from .init_from_base import rewrites_base
 from .layers import LoraLayer, ModulesToSave, make_lora_layer
 from .ops import recompute
+from .param_layer import LoraParameter, owner_of
 from .quantize import dequantize_linears, is_4bit, weight_count
+from .tied import refuse_tied_merge, untie, untie_config
 
 BASE_NAME = "__base__"
 _SUPPORTED = LINEAR_TYPES + (nn.Embedding,) + CONV_TYPES
@@ -93,6 +100,8 @@ def _logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _base_module(module: nn.Module) -> nn.Module:
+    if isinstance(module, LoraParameter):
+        return owner_of(module)
     if isinstance(module, LoraLayer):
         return module.base_layer
     if isinstance(module, ModulesToSave):
@@ -136,10 +145,13 @@ def _excluded(config: LoraConfig, name: str) -> bool:
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save or [])
 
 
-def resolve_target_modules(model: nn.Module, config: LoraConfig) -> str | list[str]:
-    """`target_modules` as it will be matched and saved: the model type's default for None, the
-    list of matched module names for "all-linear", otherwise as given."""
+def resolve_target_modules(model: nn.Module, config: LoraConfig) -> str | list[str] | None:
+    """`target_modules` as it will be matched and saved: the model type's default for None (or
+    None, no modules, when `target_parameters` are set), the list of matched module names for
+    "all-linear", otherwise as given."""
     targets = config.target_modules
+    if targets is None and config.target_parameters:
+        return None
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGET_MODULES:
@@ -157,10 +169,80 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> str | list[s
     return targets
 
 
-def _find_targets(model: nn.Module, config: LoraConfig, targets: str | list[str]) -> list[tuple[str, nn.Module]]:
+def _all_linear(config: LoraConfig) -> bool:
+    return isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+
+
+def resolve_target_parameters(model: nn.Module, config: LoraConfig) -> list[str] | None:
+    """`target_parameters` as saved: as given, plus, for "all-linear", the full name of every fused
+    expert weight (`base_types.expert_parameters`) outside `exclude_modules`; None if none."""
+    names = list(config.target_parameters or [])
+    if _all_linear(config):
+        names += [f"{n}.{p}" for n, m in _logical_modules(model) if n and not _excluded(config, n)
+                  and not isinstance(m, ModulesToSave) for p in expert_parameters(_base_module(m))]
+    return list(dict.fromkeys(names)) or None
+
+
+def _own_parameters(module: nn.Module) -> list[str]:
+    """The parameters a module holds itself, NF4 expert stacks included, in registration order."""
+    owner = _base_module(module)
+    names = [n for n, _ in owner.named_parameters(recurse=False)]
+    return names + [n for n in expert_parameters(owner) if n not in names]
+
+
+def _find_parameter_targets(model: nn.Module, entries: list[str]) -> list[tuple[str, list[str]]]:
+    """(module name, the parameters of it to adapt, in its registration order) for every module
+    holding a parameter that `entries` names; an entry that names nothing is an error."""
     found, used = [], set()
     for name, module in _logical_modules(model):
-        if not name or isinstance(module, ModulesToSave) or _excluded(config, name):
+        if not name or isinstance(module, ModulesToSave) or (
+                isinstance(module, LoraLayer) and not isinstance(module, LoraParameter)):
+            continue
+        hits = [p for p in _own_parameters(module) if _matches_list(f"{name}.{p}", entries)]
+        used.update(_matches_list(f"{name}.{p}", entries) for p in hits)
+        if hits:
+            found.append((name, hits))
+    missing = [e for e in entries if e not in used]
+    if missing:
+        stacks = sorted({f"{n.rsplit('.', 1)[-1]}.{p}" for n, m in _logical_modules(model) if n
+                         for p in expert_parameters(_base_module(m))})
+        raise TargetModulesError(
+            f"target_parameters entries {missing} matched no parameter of {type(model).__name__}. Give a "
+            "parameter's full name or its end after a '.'" + (
+                f"; the fused expert weights here: {', '.join(stacks)}" if stacks else
+                "; this model has no fused expert weights (3-D parameters): adapt its layers with target_modules")
+        )
+    return found
+
+
+def _adapt_parameters(model: nn.Module, module_name: str, params: list[str]) -> list[LoraParameter]:
+    """The `LoraParameter` wrappers of `params` on module `module_name`, outermost first: the
+    existing ones, or new ones nested in registration order (the first parameter innermost, as
+    PEFT nests them, so the module paths are its file keys). Every adapter on a module must adapt
+    the same parameters of it (PEFT's rule: the nesting, and so the keys, depend on the set)."""
+    chain = _parameter_chain(model.get_submodule(module_name))
+    have = [w.parameter_name for w in reversed(chain)]
+    if have and have != params:
+        raise TargetModulesError(
+            f"{module_name}: its adapters adapt the parameters {have}, this one {params}; every adapter on a "
+            "module must adapt the same parameters of it (PEFT nests one wrapper per parameter, so the file "
+            "keys depend on the set). Adapt the same parameters, or put the adapter on another model copy"
+        )
+    if chain:
+        return chain
+    module = model.get_submodule(module_name)
+    for p in params:
+        module = LoraParameter(module, module_name, p).train(module.training)
+    _replace(model, module_name, module)
+    return _parameter_chain(module)
+
+
+def _find_targets(model: nn.Module, config: LoraConfig, targets: str | list[str] | None) -> list[tuple[str, nn.Module]]:
+    if targets is None:
+        return []
+    found, used = [], set()
+    for name, module in _logical_modules(model):
+        if not name or isinstance(module, (ModulesToSave, LoraParameter)) or _excluded(config, name):
             continue
         if isinstance(targets, str):
             hit = match_name("LoraConfig.target_modules", targets, name) is not None
@@ -231,7 +313,14 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, 
     check_new_name(model, name)
     targets = resolve_target_modules(model, config)
     found = _find_targets(model, config, targets)
+    target_parameters = resolve_target_parameters(model, config)
+    param_targets = _find_parameter_targets(model, target_parameters) if target_parameters else []
     save_names = _find_modules_to_save(model, config)
+    if param_targets and config.lora_dropout:
+        warnings.warn(f"lora_dropout={config.lora_dropout:g} does not apply to the adapted parameters "
+                      f"({', '.join(target_parameters[:2])}{', ...' if len(target_parameters) > 2 else ''}): "
+                      "an update of a weight cannot drop its input, so they train without dropout (and the "
+                      "saved adapter_config.json says lora_dropout 0, which PEFT requires)", stacklevel=2)
 
     init = config.init_lora_weights if initialise else True
     if rewrites_base(init):
@@ -264,6 +353,11 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, 
                 layer.train(module.training)   # a new wrapper follows the model's train/eval mode
                 _replace(model, module_name, layer)
             new_layers.append(layer)
+        for module_name, params in param_targets:
+            for layer in _adapt_parameters(model, module_name, params):
+                layer.add_adapter(name, config.rank_for(layer.module_name), config.alpha_for(layer.module_name),
+                                  config.lora_dropout, init, config.use_rslora, config.use_dora, config.lora_bias,
+                                  adapter_dtype)
         for module_name in save_names:
             module = model.get_submodule(module_name)
             if not isinstance(module, ModulesToSave):
@@ -280,13 +374,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, 
 
     fan_in_fan_out = any(isinstance(m, LoraLayer) and getattr(m, "fan_in_fan_out", False) for m in new_layers)
     resolved = dataclasses.replace(
-        config, target_modules=targets, fan_in_fan_out=fan_in_fan_out or config.fan_in_fan_out,
+        config, target_modules=targets, target_parameters=target_parameters,
+        fan_in_fan_out=fan_in_fan_out or config.fan_in_fan_out,
         base_model_name_or_path=config.base_model_name_or_path or model_name(model),
     )
     state.configs[name] = resolved
     set_trainable(model, name, resolved, trainable)
     if activate:
         set_active_adapters(model, [name])
+    install_save_pretrained(model)   # model.save_pretrained writes the adapters (lorakit.hf_saving)
     return model
 
 
@@ -413,6 +509,7 @@ def merge_adapters(model: nn.Module, names: list[str] | None = None, safe: bool 
     layers = list(lora_layers(model))
     for _, layer in layers:   # a 4-bit base refuses before anything is merged
         layer.check_mergeable(names)
+    refuse_tied_merge(model, layers, names)   # and so does a weight tied to another module's
     if safe:
         for module_name, layer in layers:
             new_w, new_b, _ = layer.merged_weights(names)
@@ -444,10 +541,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for module_name, module in list(wrappers(model)):
         if name in getattr(module, "merged_adapters", []):
             raise AdapterStateError(f"adapter {name!r} is merged into {module_name}; unmerge_adapters first")
-    for module_name, module in list(wrappers(model)):
+    for module_name, module in reversed(list(wrappers(model))):   # innermost first: wrappers can nest
         module.delete_adapter(name)
         if not module.adapter_names:
-            _replace(model, module_name, _base_module(module))
+            _replace(model, module_name, module.original_module if isinstance(module, ModulesToSave)
+                     else module.base_layer)
     del state.configs[name]
     if name in state.active:
         state.active.remove(name)
@@ -460,29 +558,42 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     their `modules_to_save` copies) are folded in first; without it, the base comes back.
 
     A 4-bit (QLoRA) base cannot hold a merge, so with `merge` every 4-bit linear of the model is
-    first dequantized to a plain `nn.Linear` (or `Conv1D`) in its original dtype (see lorakit.quantize)."""
+    first dequantized to a plain `nn.Linear` (or `Conv1D`) in its original dtype (see lorakit.quantize).
+
+    A merged module whose weight another module shares (tied input embeddings and output head) gets
+    its own merged copy, the other keeps the original, and the config says `tie_word_embeddings=False`
+    (see lorakit.tied), so the plain model, saved and reloaded, computes what the adapted one did."""
     state = get_state(model)
     if merge:
         if any(is_4bit(layer.base_layer) for _, layer in lora_layers(model)):
             dequantize_linears(model)
+        merging = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in state.active)]
+        for old, new in untie(model, merging):   # a tied weight: merge into a copy (lorakit.tied)
+            if any(old is p for p in state.frozen):
+                state.frozen.append(new)
         merge_adapters(model)
     else:
         unmerge_adapters(model)
-    for module_name, module in list(wrappers(model)):
+    for module_name, module in reversed(list(wrappers(model))):   # innermost first: wrappers can nest
         if isinstance(module, ModulesToSave) and merge:
             keep = module.current()
         else:
             keep = _base_module(module)
         _replace(model, module_name, keep)
+    if merge:
+        untie_config(model)
     _release(model, state)
     return model
 
 
 def _release(model: nn.Module, state: LoraState) -> None:
+    """Make `model` plain again: the parameters lorakit froze train again, and the hooks and the
+    attributes lorakit set on it go (its state, and `save_pretrained`: lorakit.hf_saving)."""
     for p in state.frozen:
         p.requires_grad_(True)
     for hook in state.hooks:
         hook.remove()
+    restore_save_pretrained(model)
     del model._lorakit
 
 
@@ -504,3 +615,32 @@ def trainable_summary(model: nn.Module) -> str:
     """PEFT's one-line summary: `trainable params: X || all params: Y || trainable%: Z`."""
     trainable, total = trainable_parameters(model)
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def expert_summary(model: nn.Module) -> str | None:
+    """One line on the model's fused expert weights (mixture-of-experts models), or None if it has
+    none: how many stacks of how many experts the adapters adapt, or, loudly, that they are left out
+    and how to include them (an attention-only LoRA of an MoE model trains a sliver of it)."""
+    stacks = [(n, p, m) for n, m in _logical_modules(model) if n for p in expert_parameters(_base_module(m))]
+    if not stacks:
+        return None
+    adapted = [(n, p, m) for n, p, m in stacks if isinstance(m, LoraParameter)
+               and any(w.parameter_name == p for w in _parameter_chain(m))]
+    kinds = ", ".join(sorted({f"{n.rsplit('.', 1)[-1]}.{p}" for n, p, _ in stacks}))
+    if not adapted:
+        return (f"warning: the {len(stacks)} fused expert weights ({kinds}) are not adapted, so the experts do not "
+                "train; add them with lora.target_parameters (e.g. ['" + kinds.split(", ")[0] + "']) or use "
+                "lora.target_modules: all-linear")
+    experts = sorted({w.num_experts for _, _, m in adapted for w in _parameter_chain(m)})
+    left = len(stacks) - len(adapted)
+    return (f"expert weights adapted: {len(adapted)} of {len(stacks)} fused stacks ({kinds}) of "
+            f"{'/'.join(map(str, experts))} experts, a low-rank update per expert, without dropout"
+            + (f"; {left} left out" if left else ""))
+
+
+def _parameter_chain(module: nn.Module) -> list[LoraParameter]:
+    chain = []
+    while isinstance(module, LoraParameter):
+        chain.append(module)
+        module = module.base_layer
+    return chain

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dora, init_from_base
-from .base_types import CONV_TYPES, LINEAR_TYPES, is_conv1d
+from .base_types import CONV_TYPES, LINEAR_TYPES, expert_parameters, is_conv1d
 from .config import scaling
 from .errors import AdapterStateError, ConfigError, TargetModulesError
 from .init_from_base import rewrites_base
@@ -58,7 +58,7 @@ from .ops.recompute import find_recipe, record_factor
 from .quantize import dequantize_weight, is_4bit, weight_dtype
 
 
-def _init_factors(A: Tensor, B: Tensor, bias: Tensor | None, init: bool | str, r: int) -> None:
+def init_factors(A: Tensor, B: Tensor, bias: Tensor | None, init: bool | str, r: int) -> None:
     """`init_lora_weights` True, "gaussian" or False on factors of any layout (linear or conv):
     A kaiming-uniform with a=sqrt(5) (bound 1/sqrt(fan_in)), or N(0, (1/r)^2) with "gaussian"; B and
     its bias zeros, so step 0 is the base model; with False, B kaiming-uniform too (a random update,
@@ -285,7 +285,7 @@ class LoraLinear(LoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)   # weight (r, d_in)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)  # weight (d_out, r)
         B = self.lora_B[name]
-        _init_factors(self.lora_A[name].weight, B.weight, B.bias, True if rewrites_base(init) else init, r)
+        init_factors(self.lora_A[name].weight, B.weight, B.bias, True if rewrites_base(init) else init, r)
         if use_dora:
             self._init_magnitude(name)
 
@@ -413,13 +413,23 @@ class LoraEmbedding(LoraLayer):
         B = self.lora_embedding_B[name].detach().to(work)
         return self.scaling[name] * (B @ A).t()                        # (num_embeddings, dim)
 
+    def output_scale(self) -> float | Tensor:
+        """What the base embedding multiplies its lookup by: Gemma's `embed_scale` (sqrt(dim)), else 1.
+        The adapter's rows are scaled alike (as PEFT does), so that the adapter term is the lookup
+        of the merged table's update and merging changes nothing."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        return 1.0 if scale is None else scale
+
     def _add_terms(self, x: Tensor, result: Tensor, names: list[str]) -> Tensor:
         base = self.base_layer
+        scale = self.output_scale()
+        if isinstance(scale, Tensor):
+            scale = scale.to(result.dtype)
         for name in names:
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
             rows = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type,
                                base.scale_grad_by_freq, base.sparse)     # (..., r)
-            result = result + (rows @ B.t()).to(result.dtype) * self.scaling[name]
+            result = result + (rows @ B.t()).to(result.dtype) * (self.scaling[name] * scale)
         return result
 
 
@@ -453,7 +463,7 @@ class LoraConv(LoraLayer):
         self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
                                  base.dilation, bias=False, padding_mode=base.padding_mode, **kw)
         self.lora_B[name] = conv(r, base.out_channels, 1, 1, bias=lora_bias, **kw)
-        _init_factors(self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias, init, r)
+        init_factors(self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias, init, r)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         params = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
@@ -528,6 +538,13 @@ def make_lora_layer(module: nn.Module, module_name: str) -> LoraLayer:
         return LoraEmbedding(module, module_name)
     if isinstance(module, CONV_TYPES):
         return LoraConv(module, module_name)
+    experts = expert_parameters(module)
+    if experts:
+        raise TargetModulesError(
+            f"target module {module_name} is a {type(module).__name__}, whose experts are fused 3-D weights "
+            f"({', '.join(experts)}), not layers: adapt them with target_parameters, e.g. "
+            f"{[module_name.rsplit('.', 1)[-1] + '.' + p for p in experts]}, or target_modules 'all-linear'"
+        )
     raise TargetModulesError(
         f"target module {module_name} is a {type(module).__name__}; LoRA supports nn.Linear, transformers "
         "Conv1D, nn.Embedding and nn.Conv1d/2d/3d. Narrow target_modules or add it to exclude_modules"

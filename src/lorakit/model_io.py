@@ -55,6 +55,13 @@ def _load_error(what: str, name_or_path: str, path: str, e: Exception) -> Except
     return LoraError(f"cannot load model {name_or_path!r}: its files are not a loadable {what} ({reason})")
 
 
+def _names_attention(e: Exception) -> bool:
+    """transformers refused the attention implementation asked for (not supported by the model,
+    unknown, or its package missing): its messages name it."""
+    text = str(e).lower()
+    return "attn_implementation" in text or "attention implementation" in text or "flash" in text
+
+
 def resolve_device(device: str, source: str = "model.device") -> torch.device:
     """The torch device `device` names ("auto": cuda when there is one). Errors name `source`, the
     config key or command-line flag the user set it with, and are raised here, before any weights
@@ -95,12 +102,16 @@ def load_tokenizer(name_or_path: str, revision: str | None = None,
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa",
+def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", attn_implementation: str = "auto",
                revision: str | None = None, trust_remote_code: bool = False,
                quantize_base: str = "none") -> PreTrainedModel:
     """A causal LM on its device, in eval mode. With `quantize_base="nf4"` (QLoRA) every linear
     layer but the output head is a frozen 4-bit NF4 layer computing in `dtype`; it is loaded on
-    the CPU and quantized onto the device layer by layer (see `lorakit.quantize`)."""
+    the CPU and quantized onto the device layer by layer (see `lorakit.quantize`).
+
+    `attn_implementation="auto"` passes none, so transformers picks what it would for a plain
+    `from_pretrained`: sdpa where the model supports it, else eager (Gemma 2, whose soft-capped
+    attention sdpa cannot compute, refuses sdpa when asked for it)."""
     if quantize_base not in QUANTIZE_BASE:
         raise ConfigError(f"quantize_base must be one of {', '.join(QUANTIZE_BASE)}, got {quantize_base!r}")
     path = resolve_model_path(name_or_path)
@@ -108,12 +119,19 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", att
     torch_dtype = resolve_dtype(dtype, dev)
     _check_exists(name_or_path, path)
     quiet_library_bars()
+    attention = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, attn_implementation=attn_implementation, revision=revision,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError, SafetensorError) as e:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, revision=revision,
+                                                     trust_remote_code=trust_remote_code, **attention)
+    except (ValueError, ImportError) as e:
+        if attention and _names_attention(e):
+            reason = str(e).splitlines()[0].split(". ")[0].rstrip(".")   # transformers' first sentence
+            raise ConfigError(f"cannot load model {name_or_path!r} with attn_implementation {attn_implementation!r}: "
+                              f"{reason}; use auto (transformers' choice for this model) or eager") from None
+        if isinstance(e, ImportError):
+            raise
+        raise _load_error("model", name_or_path, path, e) from None
+    except (OSError, SafetensorError) as e:
         raise _load_error("model", name_or_path, path, e) from None
     if quantize_base == "nf4" and quantize_linears(model, torch_dtype, dev) == 0:
         raise ConfigError(f"quantize_base=nf4: {name_or_path} has no linear layer besides the output head to quantize")

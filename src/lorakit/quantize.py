@@ -8,9 +8,17 @@ trains the adapters in higher precision on top:
 The layout lorakit makes (and the one `lorakit plan` counts): W flattened row-major in blocks of
 64 weights, each block scaled by its absmax; with double quantization the fp32 absmaxes are
 themselves stored as 8-bit codes in blocks of 256 with one fp32 scale each, so a weight costs
-4 + 8/64 + 32/(64*256) = 4.127 bits. Only linear layers are quantized; the output head, the
-embeddings and the norms keep the model dtype (the head is the layer quantization hurts most, and
-it is one matrix).
+4 + 8/64 + 32/(64*256) = 4.127 bits. Linear layers and the fused expert weights of
+mixture-of-experts models (3-D parameters, nearly all of such a model's weights) are quantized;
+the output head, the embeddings, the routers and the norms keep the model dtype (the head is the
+layer quantization hurts most, and it is one matrix).
+
+An expert weight is not a layer bitsandbytes could replace: its module's forward indexes it per
+expert. So it becomes a parametrization of its module (`NF4Weight`, `torch.nn.utils.parametrize`):
+the module holds the packed codes, and reading the attribute dequantizes the whole stack (once per
+forward under `parametrize.cached()`, which the expert adapters use, `lorakit.param_layer`). The
+stack is quantized flattened, in blocks of 64 consecutive weights, which is what bitsandbytes'
+dequantizer reads back on every device whatever the row width.
 
 Why bitsandbytes: it installs next to a CPU-only torch, quantizes and runs forward and backward on
 CPU as well as CUDA (so the tests run everywhere), and it is the 4-bit layer PEFT wraps, so a
@@ -33,8 +41,9 @@ from typing import get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from .base_types import LINEAR_TYPES, Conv1D, is_conv1d
+from .base_types import LINEAR_TYPES, Conv1D, expert_parameters, is_conv1d
 from .dtypes import QuantizeBase
 from .errors import LoraError
 
@@ -72,6 +81,8 @@ def is_4bit(module: nn.Module) -> bool:
 def weight_count(p: Tensor) -> int:
     """How many weights a parameter stands for: a quantized 4-bit parameter packs two in each byte
     of its storage (PEFT and transformers count it so)."""
+    if getattr(p, "nf4_weights", None) is not None:   # the packed codes of an NF4 expert stack
+        return p.nf4_weights
     bnb = sys.modules.get("bitsandbytes")
     if bnb is not None and isinstance(p, bnb.nn.Params4bit) and p.bnb_quantized:
         return p.numel() * 2 * p.element_size()
@@ -139,9 +150,65 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, device: torch
         q.support_avx512bf16_for_cpu = False
         q.train(linear.training)
         _replace(model, name, q.to(device))
-    if targets:
+    experts = quantize_experts(model, compute_dtype, device)
+    if targets or experts:
         model.is_loaded_in_4bit = True
-    return len(targets)
+    return len(targets) + experts
+
+
+class NF4Weight(nn.Module):
+    """The parametrization of an NF4 expert stack: the module's parameter holds the packed codes
+    (uint8, (numel / 2, 1)); reading it gives deq(codes) in `compute_dtype` and the stack's shape."""
+
+    def __init__(self, shape: torch.Size, quant_state, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shape, self.quant_state, self.compute_dtype = shape, quant_state, compute_dtype
+
+    def forward(self, codes: Tensor) -> Tensor:
+        bnb = import_bitsandbytes()
+        return bnb.functional.dequantize_4bit(codes, self.quant_state).reshape(self.shape).to(self.compute_dtype)
+
+
+def is_nf4_parameter(module: nn.Module, name: str) -> bool:
+    """Whether `module.<name>` is an NF4 expert stack (`quantize_experts`)."""
+    chains = module._modules.get("parametrizations")   # the module's own (a wrapper would lend its base's)
+    return chains is not None and name in chains and isinstance(chains[name][0], NF4Weight)
+
+
+def quantize_experts(model: nn.Module, compute_dtype: torch.dtype, device: torch.device | str) -> int:
+    """Store every fused expert weight of `model` (`base_types.expert_parameters`) as NF4 on
+    `device`, one stack at a time; returns how many. The weights stay frozen."""
+    bnb = import_bitsandbytes()
+    count = 0
+    for module in model.modules():
+        for name in expert_parameters(module):
+            if is_nf4_parameter(module, name):
+                continue
+            weight = getattr(module, name).detach().to(device)                  # (E, d_out, d_in)
+            codes, state = bnb.functional.quantize_4bit(weight.reshape(-1), blocksize=NF4_BLOCKSIZE,
+                                                        compress_statistics=NF4_DOUBLE_QUANT, quant_type="nf4")
+            packed = nn.Parameter(codes, requires_grad=False)                  # (numel / 2, 1) uint8
+            packed.nf4_weights = weight.numel()
+            shape = weight.shape
+            del weight
+            setattr(module, name, packed)
+            parametrize.register_parametrization(module, name, NF4Weight(shape, state, compute_dtype), unsafe=True)
+            count += 1
+    return count
+
+
+def dequantize_experts(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Turn every NF4 expert stack of `model` back into a plain frozen parameter holding deq(Q(W))
+    in `dtype` (default: the compute dtype). Returns how many."""
+    count = 0
+    for module in model.modules():
+        for name in list(module._modules.get("parametrizations") or []):
+            if is_nf4_parameter(module, name):
+                weight = getattr(module, name).detach()
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                setattr(module, name, nn.Parameter(weight.to(dtype or weight.dtype), requires_grad=False))
+                count += 1
+    return count
 
 
 def _check_cpu_widths(targets: list[tuple[str, nn.Module]]) -> None:
@@ -166,7 +233,9 @@ def _in_features(m: nn.Module) -> int:
 def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Replace every 4-bit linear of `model` (adapter wrappers' base layers included) by a plain
     `nn.Linear` (a `Conv1D` if it was one) holding deq(Q(W)) in `dtype` (default: the dtype the
-    weight had before quantizing). Returns how many layers were replaced. Frozen stays frozen."""
+    weight had before quantizing), and every NF4 expert stack by a plain parameter
+    (`dequantize_experts`). Returns how many were replaced. Frozen stays frozen."""
+    experts = dequantize_experts(model, dtype)
     targets = [(name, m) for name, m in model.named_modules() if is_4bit(m)]
     for name, q in targets:
         weight = dequantize_weight(q)                                 # (d_out, d_in)
@@ -181,9 +250,9 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> in
             linear.bias = q.bias
         linear.train(q.training)
         _replace(model, name, linear)
-    if targets and getattr(model, "is_loaded_in_4bit", False):
+    if (targets or experts) and getattr(model, "is_loaded_in_4bit", False):
         model.is_loaded_in_4bit = False
-    return len(targets)
+    return len(targets) + experts
 
 
 def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:

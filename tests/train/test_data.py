@@ -32,7 +32,7 @@ from lorakit.train.data import (
     detect_format,
     load_records,
     pack,
-    to_example,
+    to_examples,
 )
 from lorakit.train.preview import preview_data, render_example
 
@@ -69,7 +69,8 @@ def trained_runs(example: Example, tok) -> list[str]:
 
 
 def example(record: dict, tok, fmt: str = "auto", **cfg) -> Example:
-    return to_example(record, "x.jsonl:1", fmt, tok, DataSection(train="x.jsonl", **cfg))
+    [one] = to_examples(record, "x.jsonl:1", fmt, tok, DataSection(train="x.jsonl", **cfg))
+    return one
 
 
 def write(path: Path, text: str) -> Path:
@@ -298,10 +299,10 @@ def test_record_errors_name_source_and_problem(tok):
     assert err({"instruction": "i", "output": 4}) == "x.jsonl:1: 'output' must be a string for format alpaca, got int"
     assert err({"messages": "hi"}) == (
         "x.jsonl:1: 'messages' must be a non-empty list of {role, content} objects, got 'hi'")
-    assert err({"messages": [{"role": "user", "content": ["a"]}]}) == (
-        "x.jsonl:1: messages[0]: 'content' must be a string, got list")
-    assert err({"messages": [{"role": "tool", "content": "a"}]}) == (
-        "x.jsonl:1: messages[0]: unknown role 'tool'; known roles: system, user, assistant")
+    assert err({"messages": [{"role": "user", "content": 3}]}) == (
+        "x.jsonl:1: messages[0]: 'content' must be a string or a list of text parts, got int")
+    assert err({"messages": [{"role": "bot", "content": "a"}]}) == (
+        "x.jsonl:1: messages[0]: unknown role 'bot'; known roles: system, user, assistant, tool")
     assert err({"messages": [{"content": "a"}]}) == "x.jsonl:1: messages[0] needs 'role' and 'content' (keys: content)"
     assert err({"conversations": [{"from": "bot", "value": "a"}]}) == (
         "x.jsonl:1: conversations[0]: unknown 'from' value 'bot'; known: human, user, gpt, assistant, model, system")

@@ -166,6 +166,12 @@ def check_options(n_adapters: int, weights: Sequence[float], method: str, densit
 def _check_combinable(state, names: list[str]) -> None:
     for n in names:
         cfg = state.configs[n]
+        if cfg.target_parameters:
+            raise AdapterStateError(
+                f"adapter {n!r} adapts parameters ({cfg.target_parameters[0]}, ...), e.g. fused expert weights, "
+                "whose per-expert factors combine_adapters does not combine; combine adapters of layers only, or "
+                "merge it into the base (merge_adapters) instead"
+            )
         if cfg.use_dora:
             raise AdapterStateError(
                 f"adapter {n!r} uses DoRA, whose magnitude vector rescales whole rows of W + sBA and does not add "

@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from ..errors import AdapterStateError, LoraError
 from ..inject import BASE_NAME, check_known, get_state, has_adapters, wrappers
 from ..layers import LoraConv, LoraEmbedding, LoraLayer, ModulesToSave
+from ..param_layer import LoraParameter
 
 
 class _RowComposer:
@@ -179,7 +180,9 @@ def _stack_factors(layer: LoraLayer, present: list[str]) -> tuple[Tensor, Tensor
         return t if t.shape[1] == R else F.pad(t, (0, R - t.shape[1]))
 
     with torch.no_grad():
-        scales = torch.tensor([0.0] + [layer.scaling[a] for a in present], device=first.device)       # (K+1,)
+        # an embedding's output scale (Gemma's embed_scale) applies to its adapter rows too
+        out_scale = float(layer.output_scale()) if isinstance(layer, LoraEmbedding) else 1.0
+        scales = torch.tensor([0.0] + [layer.scaling[a] * out_scale for a in present], device=first.device)   # (K+1,)
         A = torch.stack([first.new_zeros(d_in, R, dtype=dtype)] + [pad(A_of[a].t()) for a in present])   # (K+1, d_in, R)
         B = torch.stack([first.new_zeros(d_out, R, dtype=dtype)] + [pad(B_of[a]) for a in present])      # (K+1, d_out, R)
         B.mul_(scales[:, None, None])
@@ -194,17 +197,23 @@ def _stack_factors(layer: LoraLayer, present: list[str]) -> tuple[Tensor, Tensor
 def _composer_for(layer: LoraLayer, names: list[str], rows_of: dict[str, list[int]]) -> _RowComposer:
     """`rows_of[a]`: the batch rows named a, in order."""
     present = [a for a in rows_of if a in layer.r]
-    device = layer.base_layer.weight.device
+    if present:
+        _check_layer(layer, present)
+    device = next(layer.parameters()).device   # the base layer's first parameter (a fused expert stack has no .weight)
     slot_of = {a: k for k, a in enumerate(present, start=1)}
     slots = torch.tensor([slot_of.get(a, 0) for a in names], dtype=torch.long, device=device)   # (n,)
     if not present:
         return _RowComposer(slots)
-    _check_layer(layer, present)
     return _RowComposer(slots, *_stack_factors(layer, present), [rows_of[a] for a in present])
 
 
 def _check_layer(layer: LoraLayer, present: list[str]) -> None:
-    """Refuse what the composer cannot run: conv layers, DoRA, embeddings with max_norm."""
+    """Refuse what the composer cannot run: conv layers, adapted parameters (fused experts), DoRA,
+    embeddings with max_norm."""
+    if isinstance(layer, LoraParameter):
+        raise AdapterStateError(f"per_sample_adapters does not support adapted parameters (fused expert weights); "
+                                f"{layer.module_name} holds {present}. Use set_active_adapters and one batch per "
+                                "adapter instead")
     if isinstance(layer, LoraConv):
         raise AdapterStateError(f"per_sample_adapters does not support conv layers; {layer.module_name} holds "
                                 f"{present}. Use set_active_adapters and one batch per adapter instead")
@@ -280,7 +289,7 @@ class StackedAdapters:
         plans: dict[tuple, tuple[_RowComposer, bool]] = {}   # (adapters held, device) -> (plan, any row uses one)
         composers = []
         for layer, (present, factors) in zip(self._layers, self._stacks, strict=True):
-            device = layer.base_layer.weight.device
+            device = next(layer.parameters()).device   # the base layer's first parameter (fused experts have no .weight)
             if (present, device) not in plans:
                 slot_of = {a: k for k, a in enumerate(present, start=1)}
                 slots = torch.tensor([slot_of.get(a, 0) for a in names], dtype=torch.long, device=device)   # (n,)

@@ -22,6 +22,18 @@
   backward of a layer first recomputes that layer; without, the backward of a layer only adds
   transient gradients. The loss head is freed before the first layer's backward, so the peak
   takes the larger of the two, not their sum.
+- Offloaded activations (`training.offload_activations`, CUDA, with checkpointing): transformers
+  moves what each checkpointed layer keeps, its input (layers x N x hidden in the residual
+  stream's dtype), to pinned host memory and copies it back for that layer's recompute. The device
+  keeps one such input during a layer's backward; the host holds them all (`Estimate.host`).
+- FSDP2 (`training.strategy: fsdp`, `Sharding`): every process holds a 1/P shard of each
+  parameter, split along dim 0 and rounded up (frozen weights, adapters and so their gradients and
+  AdamW state), plus the unsharded copies of the groups in use at the peak (`Estimate.gathered`):
+  the root group (everything outside the decoder layers: embeddings, final norm, head), which
+  FSDP2 keeps unsharded from the forward to the end of the backward, and two decoder layers (the
+  one computing and the one prefetched). Buffers are not sharded; activations are the process's
+  own micro-batch. A 2-process CPU run of a tiny model whose weights dominate peaks 1.4% above
+  this (tests/test_plan_issue15.py).
 
 What one Llama-style decoder layer stores for backward with LoRA (N tokens, compute dtype cd
 bytes; measured with `saved_tensors_hooks` on transformers 5, sdpa; a frozen linear keeps no input):
@@ -58,6 +70,8 @@ CUDA_RESERVE = 2**30
 """Held back from the memory budget on CUDA: the CUDA context and cuBLAS workspaces, which
 `torch.cuda.max_memory_allocated` does not count (an assumption, not measured here)."""
 METHODS = ("lora", "qlora", "full")
+METHOD_LABELS = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}
+"""How the plan's table and messages name each method."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,8 @@ class Workload:
     kernel_loss: bool = False
     """lorakit's Triton cross-entropy in the chunked loss: a chunk's logits become their gradient
     in place, in the compute dtype (no fp32 copy, no log-softmax)."""
+    offload: bool = False
+    """training.offload_activations on CUDA: with checkpointing, the layers' inputs are in host memory."""
 
 
 @dataclass
@@ -161,10 +177,15 @@ class Estimate:
     loss_logits: int
     recompute: int
     """One layer's recompute and backward transients (checkpointing), or the backward transients."""
+    gathered: int = 0
+    """FSDP2: the unsharded copies of the parameter groups in use at the peak (`Sharding`)."""
+    host: int = 0
+    """Host memory the offloaded activations take (training.offload_activations); not in `total`."""
     total: int = field(init=False)
+    """Peak device bytes."""
 
     def __post_init__(self) -> None:
-        self.total = (self.frozen_weights + self.trained_state + self.activations
+        self.total = (self.frozen_weights + self.trained_state + self.gathered + self.activations
                       + max(self.loss_logits, self.recompute))
 
 
@@ -183,6 +204,26 @@ class Weights:
     """Decoder linear weights (what bitsandbytes quantizes for QLoRA; not the output head)."""
     largest_matrix: int
     """Elements of the largest quantizable weight (dequantized one at a time in QLoRA)."""
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """What one of `processes` FSDP2 processes holds of the LoRA run's parameters (module docstring);
+    `lorakit.train.distributed` shards each decoder layer, then the root group."""
+
+    processes: int
+    frozen_shard: int
+    """Bytes of one process's shards of the frozen parameters."""
+    trained_shard: int
+    """Bytes of one process's shards of the trainable parameters."""
+    base_shard: int
+    """Base-model parameters in one process's shards (full fine-tuning trains them all)."""
+    frozen_gathered: int
+    """Bytes of the frozen parameters of the root group and of the two largest decoder layers."""
+    trained_gathered: int
+    """Bytes of the trainable parameters of the same groups."""
+    base_gathered: int
+    """Base-model parameters of the same groups."""
 
 
 # ---- activations ------------------------------------------------------------------------------
@@ -312,8 +353,15 @@ def activations(a: Arch, w: Workload, train: Trainables | None, checkpointing: b
     transient = n * (a.hidden + a.act_grads * a.intermediate) * cd + rebuilt   # gradients in flight through a layer
     if not checkpointing:
         return keep + sum(per_layer), transient
-    inputs = a.layers * n * a.hidden * w.weight_bytes      # each layer's input, kept for the recompute
-    return keep + inputs, max(per_layer, default=0) + transient
+    if w.offload:   # the inputs are in host memory; one is copied back for its layer's recompute
+        return keep, max(per_layer, default=0) + transient + checkpointed_inputs(a, w) // a.layers
+    return keep + checkpointed_inputs(a, w), max(per_layer, default=0) + transient
+
+
+def checkpointed_inputs(a: Arch, w: Workload) -> int:
+    """Bytes of what gradient checkpointing keeps of the decoder layers: each layer's input, in the
+    residual stream's dtype (what training.offload_activations moves to host memory)."""
+    return a.layers * w.batch * w.seq * a.hidden * w.weight_bytes
 
 
 def loss_head(a: Arch, w: Workload) -> int:
@@ -335,19 +383,30 @@ def loss_head(a: Arch, w: Workload) -> int:
 
 
 def estimate(method: str, checkpointing: bool, a: Arch, w: Workload, weights: Weights,
-             train: Trainables) -> Estimate:
-    """The peak of one method ("lora", "qlora" or "full") with or without checkpointing."""
+             train: Trainables, sharding: Sharding | None = None) -> Estimate:
+    """The peak of one method ("lora", "qlora" or "full") with or without checkpointing, on each
+    process when `sharding` (FSDP2 over several processes; not for QLoRA, which lorakit trains in
+    one process only)."""
+    s, gathered = sharding, 0
     if method == "full":
         frozen, trained, who = weights.buffer_bytes, FULL_FT_BYTES * weights.base_params, None
+        if s:
+            trained, gathered = FULL_FT_BYTES * s.base_shard, s.base_gathered * w.weight_bytes
     elif method == "qlora":
+        if s:
+            raise ValueError("QLoRA is not planned under FSDP2: lorakit trains it in one process")
         rest = weights.frozen_bytes - weights.buffer_bytes - weights.quantizable_params * w.weight_bytes
         frozen = (weights.buffer_bytes + round(weights.quantizable_params * NF4_BYTES)
                   + rest // w.weight_bytes * 2 + weights.largest_matrix * 2)   # non-quantized parts in bf16
         trained, who = 4 * weights.trained_bytes, train
     else:
         frozen, trained, who = weights.frozen_bytes, 4 * weights.trained_bytes, train
+        if s:
+            frozen, trained = weights.buffer_bytes + s.frozen_shard, 4 * s.trained_shard
+            gathered = s.frozen_gathered + s.trained_gathered
     stored, recompute = activations(a, w, who, checkpointing)
-    return Estimate(method, checkpointing, frozen, trained, stored, loss_head(a, w), recompute)
+    host = checkpointed_inputs(a, w) if checkpointing and w.offload else 0
+    return Estimate(method, checkpointing, frozen, trained, stored, loss_head(a, w), recompute, gathered, host)
 
 
 def usable(budget: int, device: str) -> int:

@@ -29,6 +29,7 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from ..model_io import resolve_model_path
+from ..param_layer import LoraParameter
 from .estimate import Arch, LayerAdapters, Trainables, Weights
 
 ADAPTER = "default"
@@ -113,6 +114,9 @@ def group_name(module_name: str) -> str:
 def _closed_form(layer: LoraLayer) -> tuple[int, str]:
     """(closed-form parameter count, "d_in x d_out") of one adapted module."""
     r = layer.r[ADAPTER]
+    if isinstance(layer, LoraParameter):   # one (r x d_in, d_out x r) pair per expert
+        E, d_in, d_out = layer.num_experts, layer.in_features, layer.out_features
+        return E * r * (d_in + d_out), f"{E} x {d_in} x {d_out}"
     if isinstance(layer, LoraLinear):
         d_in, d_out = layer.in_features, layer.out_features
         extra = d_out * (layer.use_dora[ADAPTER] + layer.lora_bias[ADAPTER])
@@ -155,8 +159,9 @@ def parameter_report(model: nn.Module) -> ParamReport:
             add(group_name(module_name), "full copy", params, size, "-", None)
             continue
         closed, shape = _closed_form(module)
-        kind = {LoraLinear: "lora", LoraEmbedding: "lora embedding", LoraConv: "lora conv"}[type(module)]
-        add(group_name(module_name), kind, params, closed, shape, module.r[ADAPTER])
+        kind = {LoraLinear: "lora", LoraEmbedding: "lora embedding", LoraConv: "lora conv",
+                LoraParameter: "lora experts"}[type(module)]
+        add(group_name(module.module_name), kind, params, closed, shape, module.r[ADAPTER])
     for name, p in model.named_parameters():   # base biases trained by bias="all" / "lora_only"
         if p.requires_grad and id(p) not in counted:
             add(group_name(name.replace(".base_layer.", ".")), "bias", {name: p}, p.numel(), "-", None)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from .estimate import METHOD_LABELS
 from .result import Plan
 
 GIB = 2**30
-_LABELS = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}
 
 
 def render_json(plan: Plan) -> str:
@@ -48,23 +48,38 @@ def render_text(plan: Plan) -> str:
                  f"{'bf16' if w.compute_bytes == 2 else 'fp32'} activations")
     unit, scale = next((u, k) for u, k in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10))
                        if max(e.total for e in plan.estimates) >= k or u == "KiB")
-    lines += ["", f"peak training memory, {unit}: micro_batch_size {w.batch} x max_seq_len {w.seq} on {w.device} "
-                  f"({precision}, {w.attention}{', rows padded or packed' if w.masked else ''})"]
-    head = [""] + [f"{_LABELS[e.method]}{'+ckpt' if e.checkpointing else ''}" for e in plan.estimates]
+    per_process = " per process" if plan.strategy != "single" else ""
+    lines += ["", f"peak training memory{per_process}, {unit}: micro_batch_size {w.batch} x max_seq_len {w.seq} on "
+                  f"{w.device} ({precision}, {w.attention}{', rows padded or packed' if w.masked else ''})"]
+    head = [""] + [f"{METHOD_LABELS[e.method]}{'+ckpt' if e.checkpointing else ''}" for e in plan.estimates]
     rows = [head]
-    for label, attr in (("frozen weights", "frozen_weights"), ("trained weights+grads+AdamW", "trained_state"),
-                        ("activations kept for backward", "activations"), ("loss / logits", "loss_logits"),
-                        ("layer recompute / backward", "recompute"), ("peak", "total")):
-        rows.append([label] + [f"{getattr(e, attr) / scale:.2f}" for e in plan.estimates])
+    gathered = any(e.gathered for e in plan.estimates)
+    for label, attr, shown in (("frozen weights", "frozen_weights", True),
+                               ("trained weights+grads+AdamW", "trained_state", True),
+                               ("gathered by FSDP2 (unsharded)", "gathered", gathered),
+                               ("activations kept for backward", "activations", True),
+                               ("loss / logits", "loss_logits", True), ("layer recompute / backward", "recompute", True),
+                               ("peak", "total", True),
+                               ("offloaded to host memory", "host", any(e.host for e in plan.estimates))):
+        if shown:
+            rows.append([label] + [f"{getattr(e, attr) / scale:.2f}" for e in plan.estimates])
     if plan.fits:
         usable = f"{plan.usable_memory / GIB:.1f} usable" if plan.usable_memory != plan.memory_budget else ""
         rows.append([f"fits {plan.memory_budget / GIB:g} GiB{f' ({usable})' if usable else ''}"]
                     + ["yes" if f.fits else "no" for f in plan.fits])
         rows.append([f"largest micro_batch_size at {w.seq}"] + [str(f.largest_batch or "-") for f in plan.fits])
-        rows.append([f"largest max_seq_len at batch {w.batch}"] + [str(f.largest_seq or "-") for f in plan.fits])
+        rows.append([f"largest max_seq_len at batch {w.batch}"]
+                    + [f"{f.largest_seq or '-'}{'*' if f.seq_at_position_limit else ''}" for f in plan.fits])
     lines += _table(rows, set(range(1, len(head))))
     lines.append("  peak = frozen + trained + activations + the larger of loss/logits and recompute (not alive "
                  "together); +ckpt: training.gradient_checkpointing" + (" (configured)" if plan.checkpointing else ""))
+    if any(f.seq_at_position_limit for f in plan.fits):
+        lines.append(f"  * the model's position limit (max_position_embeddings {plan.max_position_embeddings}), not "
+                     "memory: the model takes no longer rows")
+    if any(e.host for e in plan.estimates):
+        lines.append("  offloaded to host memory: training.offload_activations keeps each checkpointed layer's input "
+                     "in pinned host memory (not in the peak) and copies it back for that layer's backward")
+    lines += [f"  {line}" for line in _per_process_lines(plan)]
 
     d = plan.data
     known = f"{d.examples:,} examples" if d.examples is not None else "examples unknown"
@@ -78,3 +93,23 @@ def render_text(plan: Plan) -> str:
         if items:
             lines += ["", title] + [f"  - {item}" for item in items]
     return "\n".join(lines)
+
+
+def _per_process_lines(plan: Plan) -> list[str]:
+    """What the figures of a run over several processes are (none for training.strategy single)."""
+    n = plan.processes
+    if plan.strategy == "single":
+        return []
+    qlora = ("QLoRA columns: one process with the whole model (model.quantize_base=nf4 trains with "
+             "training.strategy=single only)")
+    if plan.strategy == "ddp":
+        return [f"per process of {n} (training.strategy=ddp): each holds the whole model, its gradients and AdamW "
+                "state, and runs its own micro-batch", qlora]
+    if n == 1:
+        return ["training.strategy=fsdp on 1 process shards nothing: these are the whole model's figures; plan "
+                "for N processes with --nproc N", qlora]
+    return [f"per process of {n} (training.strategy=fsdp, --nproc {n}): FSDP2 shards the weights, gradients and "
+            f"AdamW state {n} ways (frozen and trained rows: one shard); gathered: the unsharded root group "
+            "(embeddings, final norm, head) and two decoder layers; activations: the process's own micro-batch",
+            "the loss row is the full logits: lorakit's chunked loss (training.chunked_loss) does not run under "
+            "FSDP2", qlora]

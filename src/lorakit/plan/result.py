@@ -22,6 +22,8 @@ class Fit:
     """The largest micro_batch_size that fits at the configured max_seq_len (0: none)."""
     largest_seq: int
     """The largest max_seq_len that fits at the configured micro_batch_size (0: none)."""
+    seq_at_position_limit: bool = False
+    """`largest_seq` is the model's max_position_embeddings: the model bounds it, not the memory."""
 
 
 @dataclass
@@ -43,3 +45,9 @@ class Plan:
     suggestions: list[Suggestion]
     warnings: list[str]
     notes: list[str]
+    strategy: str = "single"
+    """training.strategy: single, ddp or fsdp."""
+    processes: int = 1
+    """Processes the run is planned for (--nproc); the memory figures are per process."""
+    max_position_embeddings: int | None = None
+    """The model's position limit (None: it has none in its config)."""

@@ -43,7 +43,7 @@ class Loaded:
 
 def load_server(model: str, adapters: list[str], adapters_dir: str | None = None, router: str | None = None,
                 config: ServeConfig | None = None, served_model_name: str | None = None, dtype: str = "auto",
-                device: str = "auto") -> Loaded:
+                device: str = "auto", attn_implementation: str = "auto") -> Loaded:
     """The model with every adapter loaded (`NAME=DIR` pairs, then each valid subdirectory of
     `adapters_dir` by its name), the router, and an engine over them (not started)."""
     base_name = served_model_name or model
@@ -64,7 +64,7 @@ def load_server(model: str, adapters: list[str], adapters_dir: str | None = None
     duplicates = sorted({n for n in seen if seen.count(n) > 1})
     if duplicates:
         raise LoraError(f"adapter names {duplicates} are given more than once; each --adapter needs its own name")
-    net = load_model(model, dtype=dtype, device=device)
+    net = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
     tokenizer = load_tokenizer(model)
     for name, path in pairs:
         if name in given:

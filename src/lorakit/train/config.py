@@ -41,8 +41,8 @@ class ModelSection:
     """Weight dtype; auto is bf16 where the GPU supports it, else fp32."""
     device: str = "auto"
     """cuda, cpu, cuda:1, ... or auto (cuda if available)."""
-    attn_implementation: str = "sdpa"
-    """transformers attention implementation: sdpa, eager, flash_attention_2."""
+    attn_implementation: str = "auto"
+    """transformers attention implementation: auto (transformers' choice for the model: sdpa, or eager where the model has no sdpa, as Gemma 2), sdpa, eager, flash_attention_2, ..."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
@@ -54,6 +54,9 @@ class ModelSection:
         check_choices(self, "model")
         if not self.name_or_path:
             raise ConfigError("model.name_or_path is empty; give a hub id or a local model directory")
+        if not self.attn_implementation:
+            raise ConfigError(f"model.attn_implementation must be auto or a transformers attention implementation "
+                              f"(sdpa, eager, flash_attention_2, ...), got {self.attn_implementation!r}")
 
 
 @dataclass

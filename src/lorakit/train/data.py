@@ -2,7 +2,7 @@
 truncate, split off evaluation data, pack and collate.
 
     files / hf: / built-in  --load_records-->  (record, "path:line")
-        --detect_format / to_example-->  Example(input_ids, labels)      labels = -100 off the trained span
+        --detect_format / to_examples-->  [Example(input_ids, labels)]   labels = -100 off the trained span
         --build_datasets-->  truncated, counted, split (train, eval, DataReport)
         --pack (optional) / collate-->  tensors for the model
     RowStream: the order the training rows are taken in, one seeded permutation per epoch
@@ -11,18 +11,18 @@ Formats (detected per record from its keys, or forced with `data.format`; `data.
 columns first):
 
     alpaca             instruction, input?, output  -> [user: instruction (+ "\n\n" + input), assistant: output]
-    chat               messages: [{role, content}]  (OpenAI form; roles system, user, assistant)
+    chat               messages: [{role, content, tool_calls?}], tools?   (OpenAI / transformers form;
+                       roles system, user, assistant, tool)
     sharegpt           conversations: [{from, value}]
     prompt_completion  prompt, completion           plain text, no template; trained: completion + EOS
     text               text                         every token trained, EOS appended
 
 Chat-like formats are rendered with the tokenizer's chat template (or `data.chat_template`). By
-default only assistant turns are trained, each with its end-of-turn token(s), so the model learns
-to stop. The template is a black box, so each assistant turn i is located by rendering
-`messages[:i]` with the generation prompt and `messages[:i+1]` without: the turn is the text
-between the two. That only works if every rendering is a prefix of the next (a "prefix-stable"
-template), which is checked, not assumed. Character spans become token labels through the fast
-tokenizer's offsets.
+default only assistant turns are trained (their tool calls included), each with its end-of-turn
+token(s), so the model learns to stop. `chat.py` renders a conversation and locates its assistant
+turns as character spans, in one sequence, or in one per turn for a template that renders earlier
+turns differently (Qwen3), so one record can give several samples; here the spans become token
+labels through the fast tokenizer's offsets.
 
 Labels are unshifted (labels[t] is the target of input t-1, as Hugging Face models shift inside),
 so a packed row ignores the label of each sample's first token: otherwise the previous sample's
@@ -47,15 +47,13 @@ from typing import Any
 import torch
 
 from ..builtin.tasks import builtin_data_files
-from ..errors import LoraError
+from ..errors import DataError
 from ..files import read_text
+from .chat import ChatText, chat_texts, read_conversation, string_field
 from .config import BUILTIN_DATA, DATA_FORMATS, DataSection
 
 IGNORE_INDEX = -100
 CHAT_FORMATS = ("alpaca", "chat", "sharegpt")
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "system": "system"}
 FORMAT_KEYS = {   # what each format reads, for error messages
     "alpaca": "instruction, input (optional), output",
     "chat": "messages",
@@ -65,10 +63,6 @@ FORMAT_KEYS = {   # what each format reads, for error messages
 }
 FILE_FORMS = (f".jsonl, .json or .csv file, a directory saved with datasets' save_to_disk, "
               f"hf:NAME[:SPLIT] or {BUILTIN_DATA!r}")
-
-
-class DataError(LoraError):
-    """A data file or record cannot be read or used (the message names the file and line)."""
 
 
 @dataclass
@@ -129,6 +123,10 @@ class DataReport:
     """The truncation length applied."""
     splits: dict[str, SplitCount] = field(default_factory=dict)
     """{"train" / "eval": what became of that split's records}."""
+    per_turn: int = 0
+    """Conversations (train and eval) rendered as several samples, their turns apart (chat.py)."""
+    per_turn_samples: int = 0
+    """The samples those conversations gave."""
 
     def lines(self) -> list[str]:
         """A human-readable summary, one fact per line; the first line's counts add up to `read`."""
@@ -141,6 +139,10 @@ class DataReport:
             f"({share:.1f}%)",
             f"eval: {self.used_eval} samples ({self.eval_from})",
         ]
+        if self.per_turn:
+            out.append(f"per turn: {self.per_turn} conversations gave {self.per_turn_samples} samples, since the chat "
+                       f"template renders earlier turns differently (e.g. without their reasoning): each assistant "
+                       f"turn is trained once, after the prompt it is answered from")
         if self.truncated:
             out.append(f"truncated: {self.truncated} samples cut to max_seq_len={self.max_seq_len}")
         if self.dropped_no_target:
@@ -153,7 +155,8 @@ class DataReport:
 
 @dataclass
 class SplitCount:
-    """What became of one split's records once converted."""
+    """What became of one split's records once converted (a record is kept when one of its
+    samples is)."""
     records: int
     """Converted (after the split and data.max_samples)."""
     kept: int
@@ -318,77 +321,28 @@ def detect_format(record: dict, source: str) -> str:
                     f"known formats: {known}. Rename columns with data.columns or set data.format")
 
 
-def to_example(record: dict, source: str, fmt: str, tokenizer: Any, cfg: DataSection) -> Example:
-    """One record as token ids with labels (not truncated: `build_datasets` does that, counting).
-    `fmt` "auto" defers to `cfg.format`, then to the record's keys."""
+def to_examples(record: dict, source: str, fmt: str, tokenizer: Any, cfg: DataSection) -> list[Example]:
+    """One record as token ids with labels (not truncated: `build_datasets` does that, counting):
+    one sample, or for a conversation whose template renders earlier turns differently, one per
+    run of assistant turns it renders alike (chat.py). `fmt` "auto" defers to `cfg.format`, then
+    to the record's keys."""
     if fmt == "auto":
         fmt = cfg.format if cfg.format != "auto" else detect_format(record, source)
     if fmt not in DATA_FORMATS:
         raise DataError(f"{source}: unknown data format {fmt!r}; data.format is one of {', '.join(DATA_FORMATS)}")
     if fmt == "text":
-        ids = _encode(tokenizer, _field(record, "text", fmt, source), True) + [_eos(tokenizer, source)]
-        return Example(ids, list(ids), source)
+        ids = _encode(tokenizer, string_field(record, "text", fmt, source), True) + [_eos(tokenizer, source)]
+        return [Example(ids, list(ids), source)]
     if fmt == "prompt_completion":
-        prompt = _encode(tokenizer, _field(record, "prompt", fmt, source), True)
-        completion_text = _field(record, "completion", fmt, source)
+        prompt = _encode(tokenizer, string_field(record, "prompt", fmt, source), True)
+        completion_text = string_field(record, "completion", fmt, source)
         completion = _encode(tokenizer, completion_text, False) + [_eos(tokenizer, source)]
         ids = prompt + completion
         labels = list(ids) if cfg.train_on_inputs else [IGNORE_INDEX] * len(prompt) + completion
-        return Example(ids, labels, source, prompt_ids=prompt, reference=completion_text)
-    messages = _messages(record, fmt, source)
-    if cfg.system_prompt is not None and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-    return _chat_example(messages, source, tokenizer, cfg)
-
-
-def _field(record: dict, key: str, fmt: str, source: str, optional: bool = False) -> str:
-    if key not in record or record[key] is None:
-        if optional:
-            return ""
-        raise DataError(f"{source}: missing {key!r} for format {fmt} (record keys: {', '.join(map(str, record))})")
-    value = record[key]
-    if not isinstance(value, str):
-        raise DataError(f"{source}: {key!r} must be a string for format {fmt}, got {type(value).__name__}")
-    return value
-
-
-def _messages(record: dict, fmt: str, source: str) -> list[dict[str, str]]:
-    """The record as a validated list of {role, content} messages."""
-    if fmt == "alpaca":
-        instruction = _field(record, "instruction", fmt, source)
-        extra = _field(record, "input", fmt, source, optional=True)
-        output = _field(record, "output", fmt, source)
-        user = instruction + ("\n\n" + extra if extra else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    key, role_key, text_key = ("messages", "role", "content") if fmt == "chat" else ("conversations", "from", "value")
-    if key not in record:
-        raise DataError(f"{source}: missing {key!r} for format {fmt} (record keys: {', '.join(map(str, record))})")
-    turns = record[key]
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{source}: {key!r} must be a non-empty list of {{{role_key}, {text_key}}} objects, got "
-                        f"{turns!r:.60}")
-    messages = []
-    for i, turn in enumerate(turns):
-        where = f"{source}: {key}[{i}]"
-        if not isinstance(turn, dict):
-            raise DataError(f"{where} must be an object with {role_key!r} and {text_key!r}, got {type(turn).__name__}")
-        if role_key not in turn or text_key not in turn:
-            hint = ""
-            if fmt == "sharegpt" and "role" in turn and "content" in turn:
-                hint = ("; these are the chat format's keys: read the column as chat messages with "
-                        "data.columns={conversations: messages}")
-            raise DataError(f"{where} needs {role_key!r} and {text_key!r} (keys: {', '.join(map(str, turn))}){hint}")
-        role, text = turn[role_key], turn[text_key]
-        if fmt == "sharegpt":
-            if not isinstance(role, str) or role not in SHAREGPT_ROLES:
-                raise DataError(f"{where}: unknown {role_key!r} value {role!r}; known: {', '.join(SHAREGPT_ROLES)}")
-            role = SHAREGPT_ROLES[role]
-        elif role not in ROLES:
-            raise DataError(f"{where}: unknown role {role!r}; known roles: {', '.join(ROLES)}")
-        if not isinstance(text, str):
-            raise DataError(f"{where}: {text_key!r} must be a string, got {type(text).__name__}")
-        messages.append({"role": role, "content": text})
-    return messages
+        return [Example(ids, labels, source, prompt_ids=prompt, reference=completion_text)]
+    conversation = read_conversation(record, fmt, source, cfg.system_prompt)
+    return [_chat_example(chat, tokenizer) for chat in chat_texts(conversation, source, tokenizer, cfg.chat_template,
+                                                                   cfg.train_on_inputs)]
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
@@ -404,57 +358,20 @@ def _eos(tokenizer: Any, source: str) -> int:
     return tokenizer.eos_token_id
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, cfg: DataSection,
-            source: str) -> str:
+def _chat_example(chat: ChatText, tokenizer: Any) -> Example:
+    """A token is trained when its first character lies in a trained span."""
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                             chat_template=cfg.chat_template)
-    except Exception as e:   # jinja raises its own types, templates raise_exception() with anything
-        raise DataError(f"{source}: the chat template failed on this conversation: {e}") from None
-    if not isinstance(text, str):
-        raise DataError(f"{source}: the chat template rendered {type(text).__name__}, not a string")
-    return text
-
-
-def _chat_example(messages: list[dict[str, str]], source: str, tokenizer: Any, cfg: DataSection) -> Example:
-    if cfg.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{source}: chat-like data needs a chat template and the tokenizer has none; set "
-                        f"data.chat_template to a Jinja template (or use the prompt_completion or text format)")
-    full = _render(tokenizer, messages, False, cfg, source)
-    spans: list[tuple[int, int]] = []   # character spans of the assistant turns in `full`
-    prompt_text: str | None = None
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], True, cfg, source)
-        if i == len(messages) - 1:
-            prompt_text = before
-        if cfg.train_on_inputs:
-            continue
-        upto = _render(tokenizer, messages[:i + 1], False, cfg, source)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise DataError(
-                f"{source}: the chat template is not prefix-stable: rendering messages[:{i}] with the generation "
-                f"prompt, then messages[:{i + 1}], then all messages does not give each text as the start of the "
-                f"next, so assistant turn {i} cannot be located; set data.chat_template to a template that "
-                f"renders every turn the same wherever it stands, or set data.train_on_inputs: true")
-        spans.append((len(before), len(upto)))
-    try:
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)   # see _encode
+        enc = tokenizer(chat.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)   # see _encode
     except NotImplementedError:
         raise DataError("chat-like data needs a fast tokenizer (offsets map turns to tokens); load the model's "
                         "tokenizer with use_fast=True") from None
     ids = list(enc["input_ids"])
-    if cfg.train_on_inputs:
-        labels = list(ids)
-    else:
-        trained = bytearray(len(full) + 1)   # 1 per character inside an assistant turn
-        for start, end in spans:
-            trained[start:end] = b"\x01" * (end - start)
-        labels = [t if trained[start] else IGNORE_INDEX for t, (start, _) in zip(ids, enc["offset_mapping"], strict=True)]
-    prompt_ids = _encode(tokenizer, prompt_text, False) if prompt_text is not None else None
-    reference = messages[-1]["content"] if prompt_text is not None else None
-    return Example(ids, labels, source, prompt_ids=prompt_ids, reference=reference)
+    trained = bytearray(len(chat.text) + 1)   # 1 per character inside a trained span
+    for start, end in chat.spans:
+        trained[start:end] = b"\x01" * (end - start)
+    labels = [t if trained[start] else IGNORE_INDEX for t, (start, _) in zip(ids, enc["offset_mapping"], strict=True)]
+    prompt_ids = _encode(tokenizer, chat.prompt, False) if chat.prompt is not None else None
+    return Example(ids, labels, chat.source, prompt_ids=prompt_ids, reference=chat.reference)
 
 
 # ------------------------------------------------------------------------------------ the datasets
@@ -515,24 +432,33 @@ def build_datasets(cfg: DataSection, tokenizer: Any, seed: int) -> tuple[list[Ex
 def _convert(records: list[tuple[dict, str]], tokenizer: Any, cfg: DataSection, report: DataReport,
              split: str) -> list[Example]:
     formats: Counter[str] = Counter(report.formats)
-    cut_before = report.dropped_by_truncation
+    kept_records = cut_records = 0
     out = []
     for record, source in records:
         fmt = detect_format(record, source) if cfg.format == "auto" else cfg.format
         formats[fmt] += 1
-        example = to_example(record, source, fmt, tokenizer, cfg)
-        had_target = example.num_trained > 0
-        if len(example.input_ids) > cfg.max_seq_len:
-            example.input_ids = example.input_ids[:cfg.max_seq_len]
-            example.labels = example.labels[:cfg.max_seq_len]
-            report.truncated += 1
-        if example.num_trained == 0:
-            report.dropped_no_target += 1
-            report.dropped_by_truncation += had_target
-            continue
-        out.append(example)
+        examples = to_examples(record, source, fmt, tokenizer, cfg)
+        if len(examples) > 1:
+            report.per_turn += 1
+            report.per_turn_samples += len(examples)
+        kept = cut = 0
+        for example in examples:
+            had_target = example.num_trained > 0
+            if len(example.input_ids) > cfg.max_seq_len:
+                example.input_ids = example.input_ids[:cfg.max_seq_len]
+                example.labels = example.labels[:cfg.max_seq_len]
+                report.truncated += 1
+            if example.num_trained == 0:
+                report.dropped_no_target += 1
+                report.dropped_by_truncation += had_target
+                cut += had_target
+                continue
+            out.append(example)
+            kept += 1
+        kept_records += kept > 0
+        cut_records += kept == 0 and cut > 0
     report.formats = dict(formats)
-    report.splits[split] = SplitCount(len(records), len(out), report.dropped_by_truncation - cut_before)
+    report.splits[split] = SplitCount(len(records), kept_records, cut_records)
     return out
 
 

@@ -170,6 +170,9 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run | RunSummary:
     model.train()
     kernels_on = _prepare_model(model, t, device, cleanup, log)
     log(inject.trainable_summary(model))
+    experts = inject.expert_summary(model)
+    if experts:
+        log(experts)
     step_model = dist.wrap(model)
     if dist.world > 1:
         log(dist.describe(model))
@@ -403,6 +406,9 @@ def _check_same_run(saved: dict, current: dict, where: Path) -> None:
         for k in path:
             a, b = a.get(k), b.get(k)
         changed += _differences(".".join(path), a, b)
+    # how attention is computed (sdpa, eager, ...), not what: and checkpoints from before `auto`
+    # became the default say "sdpa"
+    changed = [line for line in changed if not line.startswith("model.attn_implementation:")]
     if changed:
         raise LoraError(f"cannot resume from {where}: {'; '.join(changed)}. Resume with the checkpoint's settings or "
                         "start a new output.dir")

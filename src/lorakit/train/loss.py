@@ -15,10 +15,15 @@ The chunked path applies only when that is exact, and otherwise the plain path r
   - the head must be a plain `nn.Linear`, or one trained in full through `modules_to_save`; a head
     with a LoRA adapter of its own takes the plain path (its adapter term is not chunked);
   - not under FSDP2, which gathers the head's weight only inside the model's forward;
-  - the model must return the head's output as its logits, untouched. A model that changes them
-    after the head (Gemma 2's soft-capping, Cohere's logit scale) returns another tensor than the
-    placeholder: that first call is run again on the plain path with the random state restored
-    (same dropout masks), a warning says so once, and that model takes the plain path from then on.
+  - the model must return the head's output as its logits with their values unchanged: the
+    placeholder itself (Llama and most models), or a copy of it (OPT's `.contiguous()`, a dtype
+    cast), which costs one B x T x V tensor in the forward and a pass over it. This is told by
+    behaviour, not by the model's name: the placeholder holds `PROBE`, a value that a copy or a
+    cast to fp32, bf16 or fp16 keeps exactly while soft-capping (c tanh(x / c) < x) or scaling
+    changes it. A model that changes the logits after the head (Gemma 2's soft-capping, Cohere's
+    logit scale) returns other values: that first call is run again on the plain path with the
+    random state restored (same dropout masks), a warning says so once, and that model takes the
+    plain path from then on.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ from ..layers import ModulesToSave
 from ..ops.chunked_ce import KERNEL_DTYPES, chunked_cross_entropy
 from ..patching import ForwardPatches, replaced_forward
 from .data import IGNORE_INDEX
+
+PROBE = 1024.0
+"""The placeholder logits' value: a power of two, so exact in fp32, bf16 and fp16, and large against
+the soft-caps models use (Gemma 2: 30), so c tanh(PROBE / c) differs from it in bf16 too."""
 
 # models seen to change their logits after the output head: the plain path for them from then on
 _HEAD_OUTPUT_CHANGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -116,7 +125,7 @@ def _linear_of(head: nn.Module) -> nn.Module:
 
 class _HeadCapture:
     """For one model call: the output head records its input and returns a placeholder instead of
-    the logits (a zero scalar expanded to their shape, so no memory)."""
+    the logits (the scalar `PROBE` expanded to their shape, so no memory)."""
 
     def __init__(self, head: nn.Module, vocab: int) -> None:
         self.head, self.vocab = head, vocab
@@ -127,7 +136,7 @@ class _HeadCapture:
     def _forward(self, hidden: Tensor, *args, **kwargs) -> Tensor:
         self.calls += 1
         self.hidden = hidden                                                  # (B, T, d)
-        self.placeholder = hidden.new_zeros(()).expand(*hidden.shape[:-1], self.vocab)   # (B, T, V)
+        self.placeholder = hidden.new_full((), PROBE).expand(*hidden.shape[:-1], self.vocab)   # (B, T, V)
         return self.placeholder
 
     def __enter__(self) -> _HeadCapture:
@@ -139,9 +148,16 @@ class _HeadCapture:
         self._patch.remove()
 
     def exact_for(self, logits: Tensor, labels_shape: torch.Size) -> bool:
-        """The model called the head once, on every position, and returned its output untouched."""
-        return (self.calls == 1 and logits is self.placeholder and self.hidden.dim() == 3
-                and self.hidden.shape[:2] == labels_shape)
+        """The model called the head once, on every position, and returned its output with the values
+        unchanged: the placeholder itself, or a tensor of its shape holding only `PROBE` (a copy)."""
+        if self.calls != 1 or self.hidden.dim() != 3 or self.hidden.shape[:2] != labels_shape:
+            return False
+        if logits is self.placeholder:
+            return True
+        if logits.shape != self.placeholder.shape:
+            return False
+        low, high = torch.aminmax(logits)                  # NaN in either: not equal, so the plain path
+        return bool((low == PROBE) & (high == PROBE))
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:

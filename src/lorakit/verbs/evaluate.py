@@ -27,14 +27,16 @@ class EvalRun:
 
 
 def run_eval(config: str | None, overrides: list[str], data: str | None = None, model: str | None = None,
-             adapters: list[str] | None = None, batch_size: int = 8) -> EvalRun:
+             adapters: list[str] | None = None, batch_size: int = 8,
+             attn_implementation: str | None = None) -> EvalRun:
     """`lorakit eval`: the config's model with its trained adapter (output.dir) or the given ones,
-    on the config's evaluation data or on `data`."""
+    on the config's evaluation data or on `data`; `model` and `attn_implementation` replace the
+    config's `model.name_or_path` and `model.attn_implementation`."""
     cfg = load_config(config, overrides)
     if adapters is None and (Path(cfg.output.dir) / "adapter_config.json").is_file():
         adapters = [cfg.output.dir]
     net, tokenizer = load_for_inference(model or cfg.model.name_or_path, adapters or [], cfg.model.dtype,
-                                        cfg.model.device)
+                                        cfg.model.device, attn_implementation or cfg.model.attn_implementation)
     if data is not None:
         section = dataclasses.replace(cfg.data, train=data, eval=None, eval_fraction=0.0, max_samples=None)
         examples, _, report = build_datasets(section, tokenizer, cfg.training.seed)

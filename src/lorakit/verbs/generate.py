@@ -16,13 +16,15 @@ from ..io import base_model_of, load_adapter
 from ..model_io import encode_prompt, load_model, load_tokenizer
 
 
-def load_for_inference(model: str | None, adapters: list[str], dtype: str = "auto", device: str = "auto"):
-    """(model, tokenizer): `model` (or the first adapter's base) with every adapter loaded and active."""
+def load_for_inference(model: str | None, adapters: list[str], dtype: str = "auto", device: str = "auto",
+                       attn_implementation: str = "auto"):
+    """(model, tokenizer): `model` (or the first adapter's base) with every adapter loaded and active;
+    `attn_implementation` as for `lorakit.model_io.load_model` (auto: transformers' choice)."""
     if model is None:
         if not adapters:
             raise LoraError("give --model (a model directory or hub id) or at least one --adapter")
         model = base_model_of(adapters[0], "--model")
-    net = load_model(model, dtype=dtype, device=device)
+    net = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
     tokenizer_source = adapters[0] if adapters and _has_tokenizer(adapters[0]) else model
     tokenizer = load_tokenizer(tokenizer_source)
     names = []

@@ -1,6 +1,8 @@
 """`lorakit merge`: a base model with an adapter folded in, written as a plain Hugging Face model
 directory (config, sharded safetensors, tokenizer, generation config) that
-`AutoModelForCausalLM.from_pretrained` loads with no lorakit installed."""
+`AutoModelForCausalLM.from_pretrained` loads with no lorakit installed. An adapter on one of a tied
+pair (input embeddings and output head) leaves the pair untied, each with its own weight and
+`tie_word_embeddings: false` in the config (`lorakit.unload`, lorakit.tied)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from ..quantize import dequantize_linears
 
 def merge_to_model_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
                        base: str | None = None, max_shard_size: str | int = "2GB",
-                       quantize_base: str | None = None) -> Path:
+                       quantize_base: str | None = None, attn_implementation: str = "auto") -> Path:
     """Merge the adapter in `adapter_dir` into its base (from the adapter config, or `base`) in
     fp32, cast to `dtype` (default: the base's own), and write `out_dir` atomically.
 
@@ -35,7 +37,8 @@ def merge_to_model_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLik
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise LoraError(f"{out} exists and is not empty; remove it or choose another --out")
-    model = load_model(base, dtype="fp32", device="cpu", quantize_base=quantize_base or _run_quantize_base(adapter_dir))
+    model = load_model(base, dtype="fp32", device="cpu", quantize_base=quantize_base or _run_quantize_base(adapter_dir),
+                       attn_implementation=attn_implementation)
     original_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else None
     load_adapter(model, adapter_dir)
     model = unload(model, merge=True)
