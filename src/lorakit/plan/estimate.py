@@ -114,6 +114,9 @@ class LayerAdapters:
     down: tuple[int, ...] = ()
     other: tuple[tuple[int, int], ...] = ()
     """(d_in, r) of adapted modules the layer model does not place (approximate)."""
+    experts: tuple[int, ...] = ()
+    """Weights of each adapted fused expert stack: the forward reads W + the update, a tensor of
+    the stack's size that autograd keeps for the experts' backward (lorakit.param_layer)."""
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,7 @@ def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool,
     # for an RMSNorm weight's gradient (the Triton norm recomputes it from its input)
     norm_out = n * a.hidden * cd if full and a.family != "gpt2" and not w.kernel_norms else 0
     keep = sum(n * r * cd for r in ad.qkv + ad.o + ad.up + ad.down) + sum(n * (d + r) * cd for d, r in ad.other)
+    keep += sum(ad.experts) * cd
     widths = ([a.hidden] * len(ad.qkv + ad.up) + [a.q_dim] * len(ad.o) + [a.intermediate] * len(ad.down)
               + [d for d, _ in ad.other])   # d_in of each adapter
     if dropout:
@@ -303,7 +307,7 @@ def _layer(a: Arch, w: Workload, ad: LayerAdapters | None, grad: bool,
     keep += norm_out
     if full or (ad.up and not _rebuilt_norm_output(a, w, grad)):
         keep += n * a.hidden * cd
-    grad = grad or bool(ad.up)
+    grad = grad or bool(ad.up) or bool(ad.experts)   # the experts read the MLP's input, as up does
     if grad:
         act_saved = a.act_saved - 1 if w.kernel_mlp and a.family != "gpt2" else a.act_saved   # no silu(gate)
         keep += act_saved * n * a.intermediate * cd

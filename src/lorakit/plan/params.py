@@ -214,7 +214,7 @@ def arch_of(model: nn.Module) -> tuple[Arch, bool]:
 
 def trainables_of(model: nn.Module, arch: Arch) -> Trainables:
     """Where the adapter sits, by layer and position, for the activation model."""
-    layers: list[dict[str, list]] = [{"qkv": [], "o": [], "up": [], "down": [], "other": []}
+    layers: list[dict[str, list]] = [{"qkv": [], "o": [], "up": [], "down": [], "other": [], "experts": []}
                                      for _ in range(arch.layers)]
     embedding, head, head_full, copies = [], [], False, False
     output = _output_head(model)
@@ -230,6 +230,9 @@ def trainables_of(model: nn.Module, arch: Arch) -> Trainables:
                 embedding.append(r)
             elif module.base_layer is output:
                 head.append(r)
+            continue
+        if isinstance(module, LoraParameter):
+            layers[index]["experts"].append(module.num_experts * module.in_features * module.out_features)
             continue
         position = _POSITION.get(group_name(module_name)) or _POSITION.get(module_name.rsplit(".", 1)[-1])
         if position is None:

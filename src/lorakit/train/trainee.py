@@ -35,9 +35,16 @@ class AdapterTrainee:
     def __init__(self, cfg: TrainConfig) -> None:
         self.config = dataclasses.replace(cfg.lora, base_model_name_or_path=cfg.model.name_or_path,
                                           task_type=cfg.lora.task_type or "CAUSAL_LM")
+        self.targets = cfg.lora.target_modules   # as given, for the model card
 
     def attach(self, model: nn.Module) -> None:
         inject.add_adapter(model, self.config, ADAPTER, adapter_dtype=torch.float32)
+        # saved as resolved (DESIGN: the module names "all-linear" matched, and the fused expert
+        # weights, which PEFT's own all-linear does not find; given "all-linear" next to expert
+        # parameters, PEFT takes the adapter for a transformers-4 one and doubles the experts' rank)
+        resolved = inject.get_adapter_config(model, ADAPTER)
+        self.config = dataclasses.replace(self.config, target_modules=resolved.target_modules,
+                                          target_parameters=resolved.target_parameters)
 
     def aux_losses(self, model: nn.Module) -> dict[str, tuple[float, Tensor]]:
         return {}
@@ -56,7 +63,7 @@ class AdapterTrainee:
     def describe(self) -> str:
         c = self.config
         return (f"adapter r={c.r}, lora_alpha={c.lora_alpha}, dropout={c.lora_dropout}, targets "
-                f"`{c.target_modules}`, rsLoRA={c.use_rslora}, DoRA={c.use_dora}")
+                f"`{self.targets}`, rsLoRA={c.use_rslora}, DoRA={c.use_dora}")
 
     def files(self) -> str:
         return "`adapter_config.json` + `adapter_model.safetensors` (PEFT format)"
