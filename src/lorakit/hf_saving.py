@@ -23,9 +23,8 @@ takes it away again; the class and its other instances are untouched. lorakit.pa
 hold: a `save_pretrained` that someone else set on the instance is left as it is (with a
 warning), and only ours is removed.
 
-The method writes with `lorakit.io`, which imports `lorakit.inject`, which installs the method. So
-that this module can sit below `lorakit.inject`, the method reaches the writing functions through
-the package's public names (`lorakit.io.write_adapter`, ...) when it runs, not through an import.
+It writes through `lorakit.adapter_tensors` and reads the adapters' state from `lorakit.state`,
+both below `lorakit.inject`, which installs it.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-import lorakit
-
+from .adapter_tensors import adapter_state_dict, full_adapter_state_dict, gather_full, write_adapter
 from .errors import LoraError
+from .state import get_adapter_config, list_adapters
 
 # options of a full-model save (transformers) or of PEFT's that an adapter directory has no use for
 _NOT_FOR_ADAPTERS = frozenset({"max_shard_size", "variant", "token", "save_peft_format", "save_original_format",
@@ -70,16 +69,16 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, is_m
         warnings.warn(f"save_pretrained of a model with lorakit adapters ignores {unknown}: it writes the adapters "
                       "only (adapter_config.json, adapter_model.safetensors)", stacklevel=2)
     if selected_adapters is None:
-        names = lorakit.list_adapters(model)
+        names = list_adapters(model)
     else:
         names = [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
-    configs = {n: lorakit.get_adapter_config(model, n) for n in names}   # unknown names fail before writing
+    configs = {n: get_adapter_config(model, n) for n in names}   # unknown names fail before writing
     root = Path(save_directory)
     for name in names:
         tensors = (_from_state_dict(model, name, state_dict) if state_dict is not None
-                   else lorakit.io.full_adapter_state_dict(model, name))
+                   else full_adapter_state_dict(model, name))
         if is_main_process:   # the layout of lorakit.save_adapter
-            lorakit.io.write_adapter(root if len(names) == 1 or name == "default" else root / name, tensors,
+            write_adapter(root if len(names) == 1 or name == "default" else root / name, tensors,
                                      configs[name])
 
 
@@ -88,12 +87,12 @@ def _from_state_dict(model: nn.Module, name: str, state_dict: dict[str, torch.Te
     parameter names), as whole CPU copies."""
     model_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     out = {}
-    for key, param in lorakit.adapter_state_dict(model, name).items():
+    for key, param in adapter_state_dict(model, name).items():
         pname = model_name[id(param)]
         if pname not in state_dict:
             raise LoraError(f"the state_dict given to save_pretrained has no {pname} (adapter {name!r}); pass the "
                             "model's full state dict, or none to read the adapter from the model")
-        out[key] = lorakit.io.gather_full(state_dict[pname])
+        out[key] = gather_full(state_dict[pname])
     return out
 
 

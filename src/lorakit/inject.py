@@ -27,11 +27,9 @@ import enum
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from .base_types import CONV_TYPES, LINEAR_TYPES, expert_parameters
 from .config import DEFAULT_TARGET_MODULES, NAME_RE, LoraConfig, match_name
@@ -42,49 +40,14 @@ from .layers import LoraLayer, ModulesToSave, make_lora_layer
 from .ops import recompute
 from .param_layer import LoraParameter, owner_of
 from .quantize import dequantize_linears, is_4bit, weight_count
+from .state import LoraState, check_known, get_state, lora_layers, wrappers
+from .state import get_adapter_config as get_adapter_config  # public here too (lorakit.get_adapter_config)
+from .state import has_adapters as has_adapters
+from .state import list_adapters as list_adapters
 from .tied import refuse_tied_merge, untie, untie_config
 
 BASE_NAME = "__base__"
 _SUPPORTED = LINEAR_TYPES + (nn.Embedding,) + CONV_TYPES
-
-
-@dataclass
-class LoraState:
-    """What lorakit knows about a model's adapters (stored as `model._lorakit`)."""
-
-    configs: dict[str, LoraConfig] = field(default_factory=dict)
-    """Each adapter's config, with `target_modules` resolved as it is saved."""
-    active: list[str] = field(default_factory=list)
-    """Adapters whose terms are added, in order."""
-    frozen: list[nn.Parameter] = field(default_factory=list)
-    """Base parameters lorakit set to requires_grad=False; `unload` gives them back."""
-    hooks: list[RemovableHandle] = field(default_factory=list)
-    """The forward hooks that let adapters rebuild their inputs in backward (ops.recompute)."""
-
-
-def has_adapters(model: nn.Module) -> bool:
-    """Whether lorakit adapters are on `model` (it then has a `LoraState`)."""
-    return getattr(model, "_lorakit", None) is not None
-
-
-def get_state(model: nn.Module) -> LoraState:
-    state = getattr(model, "_lorakit", None)
-    if state is None:
-        raise AdapterStateError(f"{type(model).__name__} has no lorakit adapters; call lorakit.add_adapter first")
-    return state
-
-
-def wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
-    """Every adapter wrapper with its module path."""
-    for name, module in model.named_modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            yield name, module
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    for name, module in wrappers(model):
-        if isinstance(module, LoraLayer):
-            yield name, module
 
 
 def _logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -434,26 +397,6 @@ def set_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: bo
 
 
 # ---- switching ------------------------------------------------------------------------------
-
-
-def list_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters on `model`, in the order they were added (empty if none)."""
-    state = getattr(model, "_lorakit", None)
-    return list(state.configs) if state else []
-
-
-def get_adapter_config(model: nn.Module, name: str = "default") -> LoraConfig:
-    """The resolved config of adapter `name` (as it is saved)."""
-    state = get_state(model)
-    check_known(state, [name])
-    return state.configs[name]
-
-
-def check_known(state: LoraState, names: list[str]) -> None:
-    """Refuse names that are not adapters of the model `state` belongs to."""
-    for n in names:
-        if n not in state.configs:
-            raise AdapterStateError(f"no adapter named {n!r}; adapters on this model: {list(state.configs)}")
 
 
 def active_adapters(model: nn.Module) -> list[str]:

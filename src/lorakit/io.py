@@ -26,43 +26,29 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .adapter_tensors import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    adapter_state_dict,
+    full_adapter_state_dict,
+    gather_full,
+    write_adapter,
+)
 from .config import LoraConfig
 from .errors import AdapterFileError, LoraError, few
-from .files import atomic_write, read_safetensors, read_text
-from .inject import add_adapter, delete_adapter, get_state, lora_layers, wrappers
-from .layers import LoraEmbedding, LoraLayer
+from .files import read_safetensors, read_text
+from .inject import add_adapter, delete_adapter, get_state, lora_layers
+from .layers import LoraEmbedding
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+__all__ = ["CONFIG_NAME", "PREFIX", "WEIGHTS_NAME", "adapter_state_dict", "full_adapter_state_dict", "gather_full",
+           "write_adapter", "save_adapter", "read_adapter_config", "read_adapter_weights", "load_adapter",
+           "load_adapter_weights", "base_model_of", "shard_like"]
+
 PICKLE_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-
-
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors under PEFT's file keys (live parameters, not copies)."""
-    state = get_state(model)
-    if name not in state.configs:
-        raise LoraError(f"no adapter named {name!r}; adapters on this model: {list(state.configs)}")
-    config = state.configs[name]
-    out: dict[str, torch.Tensor] = {}
-    for module_name, module in wrappers(model):
-        if name not in module.adapter_names:
-            continue
-        for suffix, param in module.adapter_parameters(name).items():
-            out[f"{PREFIX}{module_name}.{suffix}"] = param
-        if isinstance(module, LoraLayer) and config.bias == "lora_only":
-            bias = getattr(module.base_layer, "bias", None)
-            if bias is not None:
-                out[f"{PREFIX}{module_name}.base_layer.bias"] = bias
-    if config.bias == "all":
-        for pname, param in model.named_parameters():
-            if pname.rsplit(".", 1)[-1] == "bias" and ".lora_" not in pname and ".modules_to_save." not in pname:
-                out[PREFIX + pname.replace(".original_module.", ".")] = param
-    return out
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | list[str] | None = None) -> None:
@@ -81,32 +67,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | list[str
 
 def _save_one(model: nn.Module, name: str, directory: Path) -> None:
     write_adapter(directory, full_adapter_state_dict(model, name), get_state(model).configs[name])
-
-
-def full_adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """Whole CPU copies of adapter `name`'s tensors under PEFT's file keys, ready to write. On a
-    model sharded by FSDP2 this is a collective: every process must call it, in the same order."""
-    return {k: gather_full(v) for k, v in adapter_state_dict(model, name).items()}
-
-
-def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: LoraConfig) -> None:
-    """Write an adapter directory from whole tensors (`full_adapter_state_dict`) and its config."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    peft = config.to_peft_dict()
-    peft["inference_mode"] = True
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(peft, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-
-
-def gather_full(tensor: torch.Tensor) -> torch.Tensor:
-    """A detached, contiguous CPU copy of the whole tensor. A DTensor (an FSDP2 shard) is
-    all-gathered first, which every process of its mesh must do at the same point."""
-    tensor = tensor.detach()
-    if isinstance(tensor, DTensor):
-        tensor = tensor.full_tensor()
-    return tensor.to("cpu").contiguous().clone()
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
