@@ -181,10 +181,14 @@ class LoraLayer(_Wrapper):
         w = dequantize_weight(base)                                    # (d_out, d_in)
         return w.t() if getattr(base, "from_conv1d", False) else w
 
+    def quantized(self) -> bool:
+        """Whether the base weight is stored in 4 bits (QLoRA)."""
+        return is_4bit(self.base_layer)
+
     def check_mergeable(self, names: list[str]) -> None:
         """A 4-bit base weight cannot hold a merge (requantizing W + sBA would round most of the
         update away; PEFT does it with a warning): refuse, and say how to merge instead."""
-        if is_4bit(self.base_layer) and any(n in self.r and n not in self.merged_adapters for n in names):
+        if self.quantized() and any(n in self.r and n not in self.merged_adapters for n in names):
             raise AdapterStateError(
                 f"cannot merge into the 4-bit NF4 weight of {self.module_name}: requantizing W + s*B@A would round "
                 "most of the update away. lorakit.unload(model, merge=True) dequantizes the base and merges there "
@@ -199,7 +203,7 @@ class LoraLayer(_Wrapper):
         self.check_mergeable(names)
         new_w, new_b, factors = self.merged_weights(names)
         with torch.no_grad():
-            self.base_layer.weight.copy_(new_w)
+            self.base_weight().copy_(new_w)   # not 4-bit (refused above): the stored weight itself
             if new_b is not None:
                 self.base_layer.bias.copy_(new_b)
         self._dora_factor.update(factors)
@@ -207,7 +211,7 @@ class LoraLayer(_Wrapper):
 
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weight, last merged first."""
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         work = torch.promote_types(weight.dtype, torch.float32)
         while self.merged_adapters:
             name = self.merged_adapters.pop()

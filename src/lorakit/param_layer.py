@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .errors import AdapterStateError, ConfigError, TargetModulesError
+from .errors import ConfigError, TargetModulesError
 from .init_from_base import rewrites_base
 from .layers import LoraLayer, init_factors
 from .quantize import is_nf4_parameter
@@ -134,32 +134,8 @@ class LoraParameter(LoraLayer):
     def base_weight(self) -> Tensor:
         return self.parameter()
 
-    def check_mergeable(self, names: list[str]) -> None:
-        if is_nf4_parameter(owner_of(self.base_layer), self.parameter_name) and any(
-                n in self.r and n not in self.merged_adapters for n in names):
-            raise AdapterStateError(
-                f"cannot merge into the 4-bit NF4 weight {self.module_name}: requantizing W + s*B@A would round "
-                "most of the update away. lorakit.unload(model, merge=True) dequantizes the base and merges there "
-                "(or call lorakit.quantize.dequantize_linears(model) before merge_adapters)"
-            )
-
-    def merge(self, names: list[str]) -> None:
-        names = [n for n in names if n in self.r and n not in self.merged_adapters]
-        if not names:
-            return
-        self.check_mergeable(names)
-        new_w, _, _ = self.merged_weights(names)
-        with torch.no_grad():
-            self.parameter().copy_(new_w)
-        self.merged_adapters.extend(names)
-
-    def unmerge(self) -> None:
-        weight = self.parameter()
-        work = torch.promote_types(weight.dtype, torch.float32)
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                weight.copy_(weight.detach().to(work) - self.delta_weight(name))
+    def quantized(self) -> bool:
+        return is_nf4_parameter(owner_of(self.base_layer), self.parameter_name)
 
     # -- forward -------------------------------------------------------------------------------
 
