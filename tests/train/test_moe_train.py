@@ -104,3 +104,17 @@ def test_plan_keeps_the_updated_expert_weights_for_backward(moe_dir):
     with_experts, cd = lora_activations()
     without, _ = lora_activations("lora.exclude_modules=[experts]")
     assert with_experts - without == 2 * (4 * 128 * 64 + 4 * 64 * 64) * cd   # layers x (gate_up + down stacks)
+
+
+def test_plan_counts_the_expert_stacks_as_quantizable(moe_dir):
+    """QLoRA stores the experts in NF4 (lorakit.quantize.quantize_experts): the plan's QLoRA column
+    counts them with the linear layers, and a whole stack as the largest weight dequantized at once."""
+    from lorakit.plan.params import weights_of
+
+    model = AutoModelForCausalLM.from_pretrained(moe_dir)
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules="all-linear"))
+    weights = weights_of(model)
+    attention = 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64)            # layers x (q, k, v, o)
+    experts = 2 * (4 * 128 * 64 + 4 * 64 * 64)                    # layers x (gate_up, down)
+    assert weights.quantizable_params == attention + experts
+    assert weights.largest_matrix == 4 * 128 * 64

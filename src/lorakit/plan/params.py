@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .. import inject, io
-from ..base_types import LINEAR_TYPES
+from ..base_types import LINEAR_TYPES, expert_parameters
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
@@ -276,6 +276,9 @@ def weights_of(model: nn.Module) -> Weights:
                 and ".modules_to_save." not in name:
             quantizable += module.weight.numel()
             largest = max(largest, module.weight.numel())
+        for stack in expert_parameters(module):   # NF4 too under QLoRA, dequantized a whole stack at a time
+            quantizable += getattr(module, stack).numel()
+            largest = max(largest, getattr(module, stack).numel())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return Weights(frozen + buffers, trained, base, buffers, quantizable, largest)
 
