@@ -98,8 +98,9 @@ def test_gemma2_merges_with_the_default(gemma2_dir, tmp_path):
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_named_implementation_reaches_every_verb(llama_dir, tmp_path, capsys):
+def test_named_implementation_reaches_every_verb(llama_dir, tmp_path, capsys, monkeypatch):
     """generate and chat (load_for_inference), serve (load_server), eval (the flag over the config's)."""
+    monkeypatch.chdir(tmp_path)   # eval's default output.dir is relative: not a run `make demo` left here
     model, _ = load_for_inference(str(llama_dir), [], device="cpu", attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
     loaded = load_server(str(llama_dir), [], device="cpu", attn_implementation="eager")

@@ -17,7 +17,7 @@ import lorakit as lk
 from lorakit.errors import AdapterStateError, ConfigError, TargetModulesError
 from lorakit.inject import expert_summary
 from lorakit.param_layer import LoraParameter
-from lorakit.quantize import dequantize_linears, is_nf4_parameter, quantize_linears
+from lorakit.quantize import dequantize_linears, is_nf4_parameter, quantize_experts, quantize_linears
 
 COMMON = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16)
@@ -265,3 +265,46 @@ def test_dequantize_gives_plain_expert_parameters_back(ids):
     assert dequantize_linears(model) == 12
     assert isinstance(_experts(model).gate_up_proj, torch.nn.Parameter)
     torch.testing.assert_close(model(ids).logits, quantized, rtol=0, atol=1e-5)
+
+
+def test_all_linear_with_what_experts_cannot_take_adapts_the_linears_and_says_so():
+    model = moe()
+    with pytest.warns(UserWarning, match=r"all-linear leaves out the 4 fused expert weights of MixtralForCausalLM: "
+                                         r"use_dora is not supported on them \(nor in PEFT\), so the experts do not "
+                                         r"train; switch it off to train them"):
+        lk.add_adapter(model, lk.LoraConfig(r=2, target_modules="all-linear", use_dora=True))
+    assert lk.get_adapter_config(model).target_parameters is None
+    assert not any(isinstance(m, LoraParameter) for m in model.modules())
+    assert expert_summary(model).startswith("warning: the 4 fused expert weights")
+
+
+def test_all_linear_leaves_routing_gates_frozen():
+    """Qwen2-MoE's shared-expert gate is an nn.Linear(d, 1): a router, not an MLP projection."""
+    model = moe("qwen2_moe")
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules="all-linear"))
+    targets = lk.get_adapter_config(model).target_modules
+    assert not any(t.endswith("shared_expert_gate") for t in targets)
+    assert "model.layers.0.mlp.shared_expert.gate_proj" in targets       # the MLP's gate projection is adapted
+    lk.add_adapter(model, lk.LoraConfig(r=1, target_modules=["shared_expert_gate"]), name="gates")   # named: trained
+    assert isinstance(model.model.layers[0].mlp.shared_expert_gate, lk.layers.LoraLinear)
+
+
+def test_qlora_unload_dequantizes_when_only_experts_are_adapted(ids):
+    pytest.importorskip("bitsandbytes")
+    model = moe()
+    quantize_linears(model, torch.float32, "cpu")
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_parameters=["experts.gate_up_proj"], init_lora_weights=False))
+    adapted = model(ids).logits
+    plain = lk.unload(model, merge=True)
+    assert not is_nf4_parameter(_experts(plain), "gate_up_proj") and not is_nf4_parameter(_experts(plain), "down_proj")
+    torch.testing.assert_close(plain(ids).logits, adapted, rtol=0, atol=1e-4)
+
+
+def test_nf4_expert_scales_move_with_the_model():
+    pytest.importorskip("bitsandbytes")
+    model = moe()
+    quantize_experts(model, torch.float32, "cpu")        # the stacks only: bitsandbytes' Linear4bit cannot go to meta
+    experts = _experts(model)
+    model.to("meta")
+    chain = experts.parametrizations["gate_up_proj"]
+    assert chain.original.device.type == "meta" and chain[0].quant_state.absmax.device.type == "meta"

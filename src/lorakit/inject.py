@@ -127,9 +127,25 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> str | list[s
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = [n for n, m in _logical_modules(model)
                  if isinstance(_base_module(m), LINEAR_TYPES) and _base_module(m) is not head
-                 and not isinstance(m, ModulesToSave) and not _excluded(config, n)]
+                 and not isinstance(m, ModulesToSave) and not _excluded(config, n) and not _is_router(n, m)]
         return sorted(names)
     return targets
+
+
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+"""What mixture-of-experts models name the linear layers that route tokens (Mixtral before
+transformers 5, Qwen2-MoE's shared-expert gate, ...)."""
+
+
+def _is_router(name: str, module: nn.Module) -> bool:
+    """A routing gate: named as one and narrower out than in (d -> experts, or d -> 1), unlike an
+    MLP's gate projection (d -> intermediate). all-linear leaves routers frozen (name them in
+    target_modules to train them): they decide which experts a token reaches, and the experts were
+    trained under that routing."""
+    base = _base_module(module)
+    if not isinstance(base, nn.Linear) or name.rsplit(".", 1)[-1] not in ROUTER_NAMES:
+        return False
+    return base.out_features < base.in_features
 
 
 def _all_linear(config: LoraConfig) -> bool:
@@ -141,8 +157,17 @@ def resolve_target_parameters(model: nn.Module, config: LoraConfig) -> list[str]
     expert weight (`base_types.expert_parameters`) outside `exclude_modules`; None if none."""
     names = list(config.target_parameters or [])
     if _all_linear(config):
-        names += [f"{n}.{p}" for n, m in _logical_modules(model) if n and not _excluded(config, n)
-                  and not isinstance(m, ModulesToSave) for p in expert_parameters(_base_module(m))]
+        experts = [f"{n}.{p}" for n, m in _logical_modules(model) if n and not _excluded(config, n)
+                   and not isinstance(m, ModulesToSave) for p in expert_parameters(_base_module(m))]
+        unsupported = [what for what, on in (("use_dora", config.use_dora), ("lora_bias", config.lora_bias),
+                                             (f"init_lora_weights={config.init_lora_weights!r}",
+                                              rewrites_base(config.init_lora_weights))) if on]
+        if experts and unsupported:   # linears only, as before experts were adapted: loudly
+            warnings.warn(f"all-linear leaves out the {len(experts)} fused expert weights of {type(model).__name__}: "
+                          f"{', '.join(unsupported)} is not supported on them (nor in PEFT), so the experts do not "
+                          "train; switch it off to train them", stacklevel=3)
+            experts = []
+        names += experts
     return list(dict.fromkeys(names)) or None
 
 
@@ -508,7 +533,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     (see lorakit.tied), so the plain model, saved and reloaded, computes what the adapted one did."""
     state = get_state(model)
     if merge:
-        if any(is_4bit(layer.base_layer) for _, layer in lora_layers(model)):
+        if any(layer.quantized() for _, layer in lora_layers(model)):
             dequantize_linears(model)
         merging = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in state.active)]
         for old, new in untie(model, merging):   # a tied weight: merge into a copy (lorakit.tied)

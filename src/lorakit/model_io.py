@@ -138,6 +138,13 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", att
     return model.to(dev).eval()
 
 
+def join_text_parts(texts: list[str]) -> str:
+    """A message content given as text parts (OpenAI's `[{"type": "text", "text": ...}]`), as one
+    string: joined with newlines. Training data and `lorakit serve` join them alike, so a model
+    trained on parts sees at inference what it was trained on."""
+    return "\n".join(texts)
+
+
 def encode_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
     """The token ids generation starts from: raw text with the tokenizer's special tokens, or chat
     messages through the chat template (which writes its own). `lorakit serve` encodes the same way,

@@ -163,6 +163,3 @@ class LoraParameter(LoraLayer):
                 parametrize.remove_parametrizations(owner, self.parameter_name, leave_parametrized=False)
             else:   # an NF4 weight: its dequantizing parametrization stays
                 del chain[len(chain) - 1]
-
-    def _add_terms(self, x: Tensor, result: Tensor, names: list[str]) -> Tensor:   # pragma: no cover - see forward
-        raise NotImplementedError

@@ -168,6 +168,14 @@ class NF4Weight(nn.Module):
         bnb = import_bitsandbytes()
         return bnb.functional.dequantize_4bit(codes, self.quant_state).reshape(self.shape).to(self.compute_dtype)
 
+    def _apply(self, fn, recurse: bool = True):
+        """`model.to(device)` moves the codes (a parameter) and, here, the block scales with them,
+        which bitsandbytes keeps outside any module (as `Params4bit` moves its own)."""
+        moved = fn(torch.empty(0, device=self.quant_state.absmax.device))
+        if moved.device != self.quant_state.absmax.device:
+            self.quant_state.to(moved.device)
+        return super()._apply(fn, recurse)
+
 
 def is_nf4_parameter(module: nn.Module, name: str) -> bool:
     """Whether `module.<name>` is an NF4 expert stack (`quantize_experts`)."""

@@ -527,14 +527,34 @@ def test_gemma2_refuses_a_system_message_by_name():
     assert str(e.value) == "chat.jsonl:7: the chat template failed on this conversation: System role not supported"
 
 
-def test_mistral_v03_system_message_cannot_be_located():
-    """Mistral v0.3 puts the system message into the last user turn only, so the prompt of turn 1
-    (with it) is not the start of turn 1 rendered (without it): refused by name, with the fixes."""
+def test_mistral_v03_system_message_trains_each_turn_after_its_own_prompt():
+    """Mistral v0.3 writes the system message into the last user turn only, so each turn's prompt
+    (with it) is not the start of the turn rendered (without it): each turn is trained after its
+    own prompt, as the model answers at inference, in a sample of its own."""
+    messages = [SYSTEM, *TWO_TURNS]
+    tok = family_tokenizer("mistral-v0.3")
+    first, second = samples({"messages": messages}, "mistral-v0.3")
+    assert trained([first, second], "mistral-v0.3") == [" Paris.</s>", " Madrid.</s>"]
+    assert text(first, "mistral-v0.3") == "<s>[INST] Be brief.\n\nCapital of France?[/INST] Paris.</s>"
+    assert text(second, "mistral-v0.3") == (tok.apply_chat_template(messages[:4], tokenize=False, add_generation_prompt=True)
+                                            + " Madrid.</s>")
+    assert "Be brief." in text(second, "mistral-v0.3").split("[/INST] Paris.</s>")[1]   # in the last user turn
+    assert (first.source, second.source) == ("chat.jsonl:7 (messages[:3])", "chat.jsonl:7")
+    assert second.reference == "Madrid."
+
+
+def test_a_turn_that_cannot_be_located_is_refused_by_name():
+    """A template that renders the answer where no tail of the prompt anchors it is refused, with the fixes."""
+    template = ("{% for m in messages %}{% if m.role == 'user' %}{{ 'Q: ' + m.content + '\n' }}{% else %}"
+                "{{ 'A: ' + m.content + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '>>' }}"
+                "{% endif %}")
     with pytest.raises(DataError, match=r"^chat\.jsonl:7: the chat template is not prefix-stable: rendering "
-                                        r"messages\[:2\] with the generation prompt does not give the start of "
-                                        r"messages\[:3\], so assistant turn 2 cannot be located; set "
+                                        r"messages\[:1\] with the generation prompt does not give the start of "
+                                        r"messages\[:2\], so assistant turn 1 cannot be located; set "
                                         r"data.chat_template .* or set data.train_on_inputs: true$"):
-        samples({"messages": [SYSTEM, *TWO_TURNS]}, "mistral-v0.3")
+        to_examples({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "hi"}]},
+                    "chat.jsonl:7", "auto",
+                    family_tokenizer("smollm2"), DataSection(train="x", chat_template=template))
 
 
 # ------------------------------------------------------------------------------------- tool calls

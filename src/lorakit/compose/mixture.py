@@ -220,8 +220,9 @@ def attach(model: nn.Module, experts: Sequence[str], build: Callable[[LoraLinear
         held = [e for e in names if e in layer.r]
         if not isinstance(layer, LoraLinear):
             raise AdapterStateError(f"{what} supports Linear layers only; {layer.module_name} "
-                                    f"({type(layer.base_layer).__name__}) holds {held}. Train the experts without "
-                                    "embedding / conv targets")
+                                    f"({type(layer.base_layer).__name__}) holds {held}. Train the experts on Linear "
+                                    "layers only (no embedding, conv or fused-expert targets: on a mixture-of-experts "
+                                    "model, lora.exclude_modules: [experts])")
         dora = [e for e in held if layer.use_dora[e]]
         if dora:
             raise AdapterStateError(f"{what} does not support DoRA adapters: {dora} use DoRA in {layer.module_name}")

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from ..model_io import join_text_parts
 from .errors import ServeError
 
 MAX_STOP = 16           # stop strings per request
@@ -166,7 +167,7 @@ class Message(_Body):
                 raise ServeError(f"messages[{index}] has a {part.type!r} content part; lorakit serve takes text only",
                                  400, param=f"messages.{index}.content")
             parts.append(part.text)
-        return "\n".join(parts)
+        return join_text_parts(parts)
 
 
 class ChatRequest(_Sampling):

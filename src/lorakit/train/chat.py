@@ -28,9 +28,12 @@ is trained in a sequence of its own, `messages[:i+1]`, each later turn that its 
 holds unchanged going with it: every assistant turn is trained once, after exactly the prompt it
 is answered from at inference. (Templates with `{% generation %}` masks are not needed for this,
 and their masks mark the whole rendering, which for Qwen3 is not what the model generated.)
-A turn whose own rendering does not start with its prompt cannot be located at all, and a turn
-the template renders as nothing, or without its tool calls, would train the wrong answer: those
-are errors naming the record.
+A turn whose own rendering does not start with its prompt (Mistral v0.3 writes the system
+message into the last user turn only, so the prompt holds it and the rendered turn does not) is
+the prompt followed by the turn as rendered after the prompt's last message (`_turn_after_prompt`),
+in a sequence of its own: what the model sees and writes at inference. One that cannot be located
+even so, and a turn the template renders as nothing, or without its tool calls, would train the
+wrong answer: those are errors naming the record.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
+from ..model_io import join_text_parts
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -96,11 +100,6 @@ def string_field(record: dict, key: str, fmt: str, source: str, optional: bool =
     if not isinstance(value, str):
         raise DataError(f"{source}: {key!r} must be a string for format {fmt}, got {type(value).__name__}")
     return value
-
-
-def join_text_parts(texts: list[str]) -> str:
-    """A content given as text parts, as one string: joined with "\\n" as `lorakit serve` does."""
-    return "\n".join(texts)
 
 
 def _turns(record: dict, fmt: str, source: str) -> list[dict[str, Any]]:
@@ -236,6 +235,8 @@ def chat_texts(conv: Conversation, source: str, tokenizer: Any, chat_template: s
         before = prompt if i == n - 1 else render(i, True)
         upto = full if i == n - 1 else render(i + 1, False)
         if not upto.startswith(before):
+            upto = _turn_after_prompt(before, upto, message, messages[i - 1] if i else None)
+        if upto is None:
             raise DataError(
                 f"{source}: the chat template is not prefix-stable: rendering messages[:{i}] with the generation "
                 f"prompt does not give the start of messages[:{i + 1}], so assistant turn {i} cannot be located; "
@@ -266,6 +267,26 @@ def chat_texts(conv: Conversation, source: str, tokenizer: Any, chat_template: s
     if prompt is not None:   # the whole conversation's text comes first and ends with the final answer
         out[0].prompt, out[0].reference = prompt, reference
     return out[::-1]
+
+
+def _turn_after_prompt(before: str, upto: str, message: dict[str, Any], previous: dict[str, Any] | None) -> str | None:
+    """The prompt `before` followed by the turn as `upto` renders it, for a template whose prompt is
+    not the start of the turn rendered: Mistral v0.3 writes the system message into the last user
+    turn only, so the prompt has it and the rendered turn does not. The turn starts after the longest
+    tail of the prompt that `upto` repeats right before the answer (whitespace between them is the
+    turn's), a tail that must hold the previous message's text, so it is anchored on that message;
+    None when it cannot be found so."""
+    content = message.get("content") or ""
+    at = upto.rfind(content) if content and "tool_calls" not in message else -1
+    if at < 0 or previous is None or not isinstance(previous.get("content"), str) or not previous["content"]:
+        return None
+    head = upto[:at].rstrip()
+    same = 0
+    while same < min(len(head), len(before)) and head[-1 - same] == before[-1 - same]:
+        same += 1
+    if previous["content"] not in before[len(before) - same:]:
+        return None
+    return before + upto[len(head):]
 
 
 def _render(tokenizer: Any, conv: Conversation, upto: int, generation_prompt: bool, chat_template: str | None,
