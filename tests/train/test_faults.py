@@ -91,19 +91,39 @@ def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_resumed_run_is_ex
         return backward(*args)
 
     monkeypatch.setattr(loop, "_backward", signal_during_step_3)
-    before, out = signal.getsignal(signal.SIGINT), tmp_path / "stopped"
+    # as at a terminal: a shell without job control starts a background job (`make test &`) with SIGINT
+    # ignored, which the run rightly leaves ignored (test_an_ignored_signal_stays_ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        run(common + [f"output.dir={out}"])
-    except TrainingInterrupted as e:
-        assert re.fullmatch(r"stopped by SIGINT after step 3 of 6, checkpoint in .*step-00000003; to continue, run "
-                            r"the same command with training.resume=auto", str(e)), str(e)
-    else:
-        pytest.fail(f"SIGINT did not stop the run; its handler when sent: {handlers}, {len(calls)} backward calls")
-    assert signal.getsignal(signal.SIGINT) is before
+        before, out = signal.getsignal(signal.SIGINT), tmp_path / "stopped"
+        try:
+            run(common + [f"output.dir={out}"])
+        except TrainingInterrupted as e:
+            assert re.fullmatch(r"stopped by SIGINT after step 3 of 6, checkpoint in .*step-00000003; to continue, "
+                                r"run the same command with training.resume=auto", str(e)), str(e)
+        else:
+            pytest.fail(f"SIGINT did not stop the run; its handler when sent: {handlers}, {len(calls)} backward calls")
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert checkpoint_names(out) == ["step-00000003"] and logged_steps(out) == [1, 2, 3]
     monkeypatch.setattr(loop, "_backward", backward)
     run(common + [f"output.dir={out}", "training.resume=auto"])
     assert_same_adapter(tmp_path / "full", out)
+
+
+def test_an_ignored_signal_stays_ignored():
+    """`nohup`, or a background job of a shell without job control, starts the run with SIGINT
+    ignored: the run leaves it so, and a SIGINT does not stop it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopOnSignal() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_second_signal_gets_the_previous_handler_at_once():
