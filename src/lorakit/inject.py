@@ -38,7 +38,7 @@ from .hf_saving import install_save_pretrained, restore_save_pretrained
 from .init_from_base import rewrites_base
 from .layers import LoraLayer, ModulesToSave, make_lora_layer
 from .ops import recompute
-from .param_layer import LoraParameter, owner_of
+from .param_layer import LoraParameter, owner_of, parameter_chain
 from .quantize import dequantize_linears, is_4bit, weight_count
 from .state import LoraState, check_known, get_state, lora_layers, wrappers
 from .state import get_adapter_config as get_adapter_config  # public here too (lorakit.get_adapter_config)
@@ -208,7 +208,7 @@ def _adapt_parameters(model: nn.Module, module_name: str, params: list[str]) -> 
     existing ones, or new ones nested in registration order (the first parameter innermost, as
     PEFT nests them, so the module paths are its file keys). Every adapter on a module must adapt
     the same parameters of it (PEFT's rule: the nesting, and so the keys, depend on the set)."""
-    chain = _parameter_chain(model.get_submodule(module_name))
+    chain = parameter_chain(model.get_submodule(module_name))
     have = [w.parameter_name for w in reversed(chain)]
     if have and have != params:
         raise TargetModulesError(
@@ -222,7 +222,7 @@ def _adapt_parameters(model: nn.Module, module_name: str, params: list[str]) -> 
     for p in params:
         module = LoraParameter(module, module_name, p).train(module.training)
     _replace(model, module_name, module)
-    return _parameter_chain(module)
+    return parameter_chain(module)
 
 
 def _find_targets(model: nn.Module, config: LoraConfig, targets: str | list[str] | None) -> list[tuple[str, nn.Module]]:
@@ -593,22 +593,14 @@ def expert_summary(model: nn.Module) -> str | None:
     if not stacks:
         return None
     adapted = [(n, p, m) for n, p, m in stacks if isinstance(m, LoraParameter)
-               and any(w.parameter_name == p for w in _parameter_chain(m))]
+               and any(w.parameter_name == p for w in parameter_chain(m))]
     kinds = ", ".join(sorted({f"{n.rsplit('.', 1)[-1]}.{p}" for n, p, _ in stacks}))
     if not adapted:
         return (f"warning: the {len(stacks)} fused expert weights ({kinds}) are not adapted, so the experts do not "
                 "train; add them with lora.target_parameters (e.g. ['" + kinds.split(", ")[0] + "']) or use "
                 "lora.target_modules: all-linear")
-    experts = sorted({w.num_experts for _, _, m in adapted for w in _parameter_chain(m)})
+    experts = sorted({w.num_experts for _, _, m in adapted for w in parameter_chain(m)})
     left = len(stacks) - len(adapted)
     return (f"expert weights adapted: {len(adapted)} of {len(stacks)} fused stacks ({kinds}) of "
             f"{'/'.join(map(str, experts))} experts, a low-rank update per expert, without dropout"
             + (f"; {left} left out" if left else ""))
-
-
-def _parameter_chain(module: nn.Module) -> list[LoraParameter]:
-    chain = []
-    while isinstance(module, LoraParameter):
-        chain.append(module)
-        module = module.base_layer
-    return chain

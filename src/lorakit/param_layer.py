@@ -42,11 +42,19 @@ from .layers import LoraLayer, init_factors
 from .quantize import is_nf4_parameter
 
 
+def parameter_chain(module: nn.Module) -> list[LoraParameter]:
+    """The `LoraParameter` wrappers nested at `module`, outermost first (empty for any other module)."""
+    chain = []
+    while isinstance(module, LoraParameter):
+        chain.append(module)
+        module = module.base_layer
+    return chain
+
+
 def owner_of(module: nn.Module) -> nn.Module:
     """The module that holds the parameters, under any number of `LoraParameter` wrappers."""
-    while isinstance(module, LoraParameter):
-        module = module.base_layer
-    return module
+    chain = parameter_chain(module)
+    return chain[-1].base_layer if chain else module
 
 
 class _AddUpdates(nn.Module):

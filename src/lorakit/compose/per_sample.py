@@ -199,12 +199,17 @@ def _composer_for(layer: LoraLayer, names: list[str], rows_of: dict[str, list[in
     present = [a for a in rows_of if a in layer.r]
     if present:
         _check_layer(layer, present)
-    device = next(layer.parameters()).device   # the base layer's first parameter (a fused expert stack has no .weight)
+    device = _device_of(layer)
     slot_of = {a: k for k, a in enumerate(present, start=1)}
     slots = torch.tensor([slot_of.get(a, 0) for a in names], dtype=torch.long, device=device)   # (n,)
     if not present:
         return _RowComposer(slots)
     return _RowComposer(slots, *_stack_factors(layer, present), [rows_of[a] for a in present])
+
+
+def _device_of(layer: LoraLayer) -> torch.device:
+    """Where the layer computes: its base's first parameter (a fused expert stack has no `.weight`)."""
+    return next(layer.base_layer.parameters()).device
 
 
 def _check_layer(layer: LoraLayer, present: list[str]) -> None:
@@ -275,6 +280,7 @@ class StackedAdapters:
             if present:
                 _check_layer(layer, present)
             self._stacks.append((tuple(present), _stack_factors(layer, present) if present else None))
+        self._devices = [_device_of(layer) for layer in self._layers]   # once, not per batch
 
     @contextlib.contextmanager
     def rows(self, names: Sequence[str]) -> Iterator[nn.Module]:
@@ -288,8 +294,7 @@ class StackedAdapters:
         rows_of = _rows_of(names, named)
         plans: dict[tuple, tuple[_RowComposer, bool]] = {}   # (adapters held, device) -> (plan, any row uses one)
         composers = []
-        for layer, (present, factors) in zip(self._layers, self._stacks, strict=True):
-            device = next(layer.parameters()).device   # the base layer's first parameter (fused experts have no .weight)
+        for (present, factors), device in zip(self._stacks, self._devices, strict=True):
             if (present, device) not in plans:
                 slot_of = {a: k for k, a in enumerate(present, start=1)}
                 slots = torch.tensor([slot_of.get(a, 0) for a in names], dtype=torch.long, device=device)   # (n,)
