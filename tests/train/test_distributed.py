@@ -4,6 +4,7 @@ rank 0 writes. Every run is a real launch (`torchrun ... -m lorakit train`, or `
 --nproc 2`), each on its own free port."""
 
 import csv
+import json
 import os
 import shutil
 import socket
@@ -189,3 +190,30 @@ def test_resume_with_another_number_of_processes_is_refused(ddp, tmp_path):
     shutil.copytree(ddp.out, copy)
     with pytest.raises(LoraError, match=r"written by a run of 2 process\(es\) and this run has 1; .* --nproc 2"):
         train(load_config(None, ddp.overrides + [f"output.dir={copy}", "training.resume=auto"]))
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto", "grpo"])
+def test_two_processes_train_the_preference_adapter_of_one(objective, model_dir, tmp_path):
+    """dpo: pairs sliced over processes; kto: its KL estimate averaged over the global micro-batch;
+    grpo: completions sampled as a function of the data order, so each process samples what one
+    process would for its prompts."""
+    path = tmp_path / "data.jsonl"
+    words = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white"]
+    with open(path, "w") as f:
+        for i, w in enumerate(words):
+            prompt = [{"role": "user", "content": f"echo {w}"}]
+            record = {"dpo": {"prompt": prompt, "chosen": [{"role": "assistant", "content": w}],
+                              "rejected": [{"role": "assistant", "content": w.upper()}]},
+                      "kto": {"prompt": f"echo {w}", "completion": w if i % 2 else w.upper(), "label": bool(i % 2)},
+                      "grpo": {"prompt": prompt, "answer": w}}[objective]
+            f.write(json.dumps(record) + "\n")
+    common = [f"model.name_or_path={model_dir}", f"data.train={path}", "data.max_seq_len=64", "training.lr=1e-2",
+              "training.max_steps=3", "lora.r=4", "lora.lora_alpha=8", "lora.lora_dropout=0",
+              "output.tensorboard=false", f"training.objective={objective}",
+              *(["grpo.max_completion_len=6", "grpo.group_size=2"] if objective == "grpo" else [])]
+    train(load_config(None, common + ["training.micro_batch_size=4", f"output.dir={tmp_path / 'one'}"]))
+    torchrun(common + ["training.micro_batch_size=2", "training.strategy=ddp", f"output.dir={tmp_path / 'two'}"])
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert list(losses(tmp_path / "two").values()) == pytest.approx(list(losses(tmp_path / "one").values()), abs=1e-5)

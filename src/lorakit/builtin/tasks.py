@@ -13,7 +13,8 @@ model (pretrained on generic text, see `model.py`) scores 0% before fine-tuning.
 
 The files are generated deterministically (a seeded `random.Random`, whose `randrange`, `choice`,
 `sample` and `shuffle` are stable across Python versions) into the cache on first use, one JSON
-object per line: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}.
+object per line: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}. The preference
+objectives' records are derived from these (`preference.py`), their wrong answers by `wrong_answer`.
 """
 
 from __future__ import annotations
@@ -85,6 +86,23 @@ def task_of(prompt: str) -> str:
     if " larger than " in prompt:
         return "compare"
     raise ValueError(f"not a lorakit/tiny-tasks prompt: {prompt!r}")
+
+
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "sentiment": ("positive", "negative"), "compare": ("yes", "no"), "parity": ("even", "odd"),
+    "count": tuple(str(k) for k in range(1, 10)),
+}
+"""Every answer each task can give."""
+
+
+def wrong_answer(prompt: str, answer: str, rng: random.Random) -> str:
+    """An answer of the prompt's task other than `answer`: the other label, or for count another
+    number 1-9 drawn with `rng`. What preference training is taught to rank below the right one, so
+    it must be a plausible answer, not noise the model would reject anyway."""
+    options = ANSWERS[task_of(prompt)]
+    if answer not in options:
+        raise ValueError(f"{answer!r} is not an answer of the {task_of(prompt)} task ({', '.join(options)})")
+    return rng.choice([option for option in options if option != answer])
 
 
 def chat(prompt: str, answer: str) -> dict:

@@ -53,7 +53,7 @@ def default_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
     return max(MIN_CHUNK_ROWS, math.ceil(n_rows / chunks))
 
 
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32, or fp64 for fp64 inputs."""
     return torch.promote_types(dtype, torch.float32)
 
@@ -74,7 +74,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                              "model's embeddings to the tokenizer (model.resize_token_embeddings)")
         need_h, need_w, need_b = (differentiated and need for need in ctx.needs_input_grad[:3])
         grads = need_h or need_w or need_b
-        acc = _loss_dtype(h.dtype)                                  # fp32 losses and sums
+        acc = loss_dtype(h.dtype)                                  # fp32 losses and sums
         grad_h = torch.empty_like(h) if need_h else None                                   # (n, d)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None  # (V, d)
         grad_b = torch.zeros(bias.shape, dtype=acc, device=h.device) if need_b else None    # (V,)

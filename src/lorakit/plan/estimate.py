@@ -56,10 +56,42 @@ bytes; measured with `saved_tensors_hooks` on transformers 5, sdpa; a frozen lin
 GPT-2 is modelled likewise (LayerNorm keeps mean and rstd, the fused c_attn output is one storage,
 gelu_new keeps 4 N I tensors, dropout keeps its mask: float on CPU, bool on CUDA). Other
 architectures use the Llama layer (marked approximate).
+
+Objectives other than sft (`training.objective`, `Forwards`): the forward with gradients is an SFT
+forward of the objective's rows (lorakit.train.preference, lorakit.train.grpo), so the model above
+counts it at N = micro batch x rows per example x row length:
+
+    dpo, ipo, simpo, orpo   2 rows a pair (chosen, then rejected) of max_seq_len
+    kto                     1 row a completion of max_seq_len (its KL rows pair a prompt with another
+                            example's completion, so a batch can be wider: up to 2 max_seq_len - 2)
+    grpo                    group_size rows a prompt, of max_seq_len - 1 + max_completion_len (a prompt
+                            is shorter than max_seq_len, a completion at most max_completion_len)
+
+- Loss head: the completions' log-probabilities (lorakit.train.logprobs) rather than the loss, the
+  same tensors as the chunked loss (the scored rows' hidden and its gradient, one chunk's fp32 logits
+  and log-softmax; no Triton kernel) or, with full logits, the logits, their tempered fp32 copy and
+  its log-softmax (3 x its size in backward).
+- No-grad forwards (`Estimate.reference`): the reference (the base with the adapter off: dpo, ipo,
+  kto, grpo with beta > 0; none with preference.precompute_reference) and kto's KL rows run in the
+  step while the grad forward's activations are kept, and so does the (n, d) gradient (full logits:
+  the log-softmax) its log-probabilities keep. Such a forward keeps nothing; its peak is the widest
+  point of one layer or of the head, measured on CPU with transformers 5 (`no_grad_forward`): the
+  embedding output (which the model's forward holds), the layer's input, the residual and the norm
+  output, with the MLP's act(gate), up and their product (gelu_new: 4 N I), or attention's q, k, v
+  and rope's three temporaries of q (sdpa with a mask: its bool mask for the whole forward, the
+  repeat_kv copies and the mask in the compute dtype; eager: the scores and probabilities).
+- Sampling (grpo, before the training forward, so not alive with its activations; the peak takes
+  the larger): the KV cache, 2 (K and V) x layers x kv_dim x rows x row length in the compute dtype,
+  and the larger of the prompts' prefill (a no-grad forward) and one decoding step: its logits, the
+  fp32 copy `generate` makes, GumbelSampler's tempered logits, noise and their sum (rows x vocab
+  each; the noise is drawn on the CPU) and DynamicCache's copy of one layer's K or V as it grows.
+- Full fine-tuning has no adapter to switch off: a reference there is a second copy of the
+  weights, counted in its frozen weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..ops.chunked_ce import default_chunk_rows
@@ -138,10 +170,29 @@ class Trainables:
 
 
 @dataclass(frozen=True)
+class Forwards:
+    """What the forwards of one micro-batch of `training.objective` run, per example of it (an SFT
+    row, a pair, a kto completion, a grpo prompt); the module docstring has the layouts."""
+
+    objective: str = "sft"
+    rows: int = 1
+    """Rows of the forward with gradients: 2 for a pair, grpo.group_size for a prompt."""
+    reference_rows: int = 0
+    """Rows the reference scores in a no-grad forward within the step (0: none)."""
+    scoring_rows: int = 0
+    """Rows the trained policy scores in a no-grad forward within the step (kto's KL rows)."""
+    sampled: int = 0
+    """grpo: tokens sampled per completion with the KV cache (grpo.max_completion_len); 0: none."""
+    top_p: float = 1.0
+    """grpo.top_p: below 1, sampling sorts each step's logits first."""
+
+
+@dataclass(frozen=True)
 class Workload:
     """One micro-batch and the precision it runs in."""
 
     batch: int
+    """Examples in the micro-batch (training.micro_batch_size): rows for sft, pairs, prompts."""
     seq: int
     weight_bytes: int
     """Bytes per weight element (2: bf16/fp16, 4: fp32); also the residual stream's dtype."""
@@ -164,6 +215,8 @@ class Workload:
     in place, in the compute dtype (no fp32 copy, no log-softmax)."""
     offload: bool = False
     """training.offload_activations on CUDA: with checkpointing, the layers' inputs are in host memory."""
+    forwards: Forwards = Forwards()
+    """The forwards the objective runs (sft: one, with gradients, of `batch` rows)."""
 
 
 @dataclass
@@ -184,12 +237,20 @@ class Estimate:
     """FSDP2: the unsharded copies of the parameter groups in use at the peak (`Sharding`)."""
     host: int = 0
     """Host memory the offloaded activations take (training.offload_activations); not in `total`."""
+    reference: int = 0
+    """The no-grad forwards within the step (the reference, kto's KL rows) at their peak, with what
+    the grad forward's log-probabilities keep meanwhile; after its forward, as the loss head is."""
+    kv_cache: int = 0
+    """grpo: the KV cache of sampling the completions, before the forward with gradients."""
+    sampling: int = 0
+    """grpo: sampling's other peak tensors, next to the KV cache (prefill or a decoding step)."""
     total: int = field(init=False)
     """Peak device bytes."""
 
     def __post_init__(self) -> None:
-        self.total = (self.frozen_weights + self.trained_state + self.gathered + self.activations
-                      + max(self.loss_logits, self.recompute))
+        step = self.activations + max(self.loss_logits, self.recompute, self.reference)
+        self.total = (self.frozen_weights + self.trained_state + self.gathered
+                      + max(step, self.kv_cache + self.sampling))
 
 
 @dataclass(frozen=True)
@@ -369,8 +430,13 @@ def checkpointed_inputs(a: Arch, w: Workload) -> int:
 
 
 def loss_head(a: Arch, w: Workload) -> int:
-    """Peak bytes of the logits and the loss (see the module docstring)."""
+    """Peak bytes of the logits and the loss (see the module docstring); for an objective other than
+    sft (`w` its grad forward, `grad_forward`), of the completions' log-probabilities."""
     n, shifted, v = w.batch * w.seq, w.batch * (w.seq - 1), a.vocab
+    if w.forwards.objective != "sft":   # lorakit.train.logprobs: no Triton kernel, no fp32 copy of the chunk
+        if w.chunked_loss:
+            return 2 * n * a.hidden * w.compute_bytes + min(shifted, default_chunk_rows(shifted, v, a.hidden)) * v * 8
+        return max(n * v * w.compute_bytes + 8 * shifted * v, 12 * shifted * v)
     if w.chunked_loss:
         chunk = min(shifted, default_chunk_rows(shifted, v, a.hidden))
         if w.kernel_loss:
@@ -381,6 +447,97 @@ def loss_head(a: Arch, w: Workload) -> int:
     forward = n * v * w.compute_bytes + copy + shifted * v * 4
     backward = 3 * shifted * v * 4
     return max(forward, backward)
+
+
+# ---- the objectives' forwards (module docstring) -----------------------------------------------------
+
+
+def row_length(w: Workload) -> int:
+    """Tokens in a row of the objective's forwards: max_seq_len, or for grpo a prompt (shorter than
+    max_seq_len) and its sampled completion."""
+    return w.seq - 1 + w.forwards.sampled if w.forwards.sampled else w.seq
+
+
+def grad_forward(w: Workload) -> Workload:
+    """The forward with gradients of the objective's micro-batch, as a workload of its rows."""
+    return dataclasses.replace(w, batch=w.batch * w.forwards.rows, seq=row_length(w))
+
+
+def _no_grad_layer(a: Arch, w: Workload) -> int:
+    """The widest point of one decoder layer in a forward without gradients of `w`'s rows."""
+    n, cd, wb, b, t = w.batch * w.seq, w.compute_bytes, w.weight_bytes, w.batch, w.seq
+    gpt2, repeated = a.family == "gpt2", a.kv_heads != a.heads
+    stream = (3 if a.layers > 1 else 2) * n * a.hidden * wb          # embedding output, layer input, norm output
+    rope = 0 if gpt2 else n * (4 * a.q_dim + 2 * a.kv_dim) * cd      # q, k, v, q cos, rotate_half(q), its sin
+    qkv = 3 * a.q_dim if gpt2 else a.q_dim + 2 * a.kv_dim            # after rope; GPT-2: the fused c_attn output
+    copies = 2 * a.q_dim if repeated else 0                          # repeat_kv's
+    mask = 0                                                         # held by the model's forward
+    if w.attention == "eager":                                       # the scores, then their fp32 softmax
+        mask = b * t * t * cd
+        attend = n * (qkv + copies) * cd + b * a.heads * t * t * (4 + cd)
+    elif w.masked:                                                   # sdpa: the bool mask, here in cd
+        mask = b * t * t if w.attention == "sdpa" else 0
+        attend = n * (qkv + copies + a.q_dim) * cd + b * t * t * cd + b * a.heads * t * 4
+    else:                                                            # + the output and log-sum-exp
+        attend = n * (qkv + a.q_dim) * cd + b * a.heads * t * 4
+    # the MLP: also the residual (and GPT-2's attention output, which its block holds)
+    mlp = stream + (2 if gpt2 else 1) * n * a.hidden * wb + a.act_saved * n * a.intermediate * cd
+    return mask + max(stream + max(rope, attend), mlp)
+
+
+def _no_grad_head(a: Arch, w: Workload) -> int:
+    """Peak of the log-probabilities of `w`'s rows without gradients (lorakit.train.logprobs)."""
+    n, shifted, v = w.batch * w.seq, w.batch * (w.seq - 1), a.vocab
+    if w.chunked_loss:   # the final norm's output, the scored rows' copy, one chunk's logits and log-softmax
+        chunk = min(shifted, default_chunk_rows(shifted, v, a.hidden))
+        return n * a.hidden * (w.weight_bytes + w.compute_bytes) + chunk * v * 8
+    return n * v * w.compute_bytes + 8 * shifted * v                    # logits, their tempered fp32 copy, log-softmax
+
+
+def no_grad_forward(a: Arch, w: Workload) -> int:
+    """Peak bytes of a forward without gradients of `w`'s rows, scoring every position: what it
+    holds at the widest point of a layer or of the head (it keeps nothing)."""
+    return max(_no_grad_layer(a, w), _no_grad_head(a, w))
+
+
+def no_grad_forwards(a: Arch, w: Workload) -> int:
+    """`Estimate.reference`: the largest no-grad forward of the step (the reference's, kto's KL
+    rows'), with the gradient (full logits: the log-softmax) the grad forward's log-probabilities
+    keep for backward meanwhile; 0 when the step runs none."""
+    f, g = w.forwards, grad_forward(w)
+    rows = [r for r in (f.reference_rows, f.scoring_rows) if r]
+    if not rows:
+        return 0
+    kept = g.batch * g.seq * a.hidden * g.compute_bytes if g.chunked_loss else g.batch * (g.seq - 1) * a.vocab * 4
+    return kept + max(no_grad_forward(a, dataclasses.replace(g, batch=w.batch * r)) for r in rows)
+
+
+def kv_cache(a: Arch, w: Workload) -> int:
+    """grpo: the KV cache of sampling every completion of the micro-batch to full length: K and V of
+    each layer, rows x (prompt + max_completion_len) positions, in the compute dtype; 0 without sampling."""
+    if not w.forwards.sampled:
+        return 0
+    g = grad_forward(w)
+    return 2 * a.layers * a.kv_dim * g.batch * g.seq * w.compute_bytes
+
+
+def sampling(a: Arch, w: Workload) -> int:
+    """grpo: the larger of the prompts' prefill (a no-grad forward of the rows' prompts, without the
+    head: only the last position's logits) and one decoding step, beyond the KV cache; 0 without
+    sampling. A step holds, rows x vocab each: the logits (compute dtype), `generate`'s fp32 copy
+    and the previous step's scores, while GumbelSampler makes the tempered logits and the noise
+    (on the CPU in fp64, with two temporaries of its transform; on CUDA its fp32 copy on the device
+    and the sum); with grpo.top_p < 1 also the sorted probabilities, their int64 order and the
+    mask, which it keeps to the end (measured on CPU). Or DynamicCache's copy of one layer's K or V
+    as it grows, in the step's forward."""
+    f = w.forwards
+    if not f.sampled:
+        return 0
+    rows = w.batch * f.rows
+    prefill = _no_grad_layer(a, dataclasses.replace(w, batch=rows, seq=w.seq - 1))
+    per_entry = w.compute_bytes + 4 + 4 + 4 + (3 * 8 if w.device == "cpu" else 4 + 4) + (4 + 8 + 1 if f.top_p < 1 else 0)
+    step = max(rows * a.vocab * per_entry, kv_cache(a, w) // (2 * a.layers))
+    return max(prefill, step)
 
 
 # ---- whole runs ------------------------------------------------------------------------------------
@@ -408,9 +565,13 @@ def estimate(method: str, checkpointing: bool, a: Arch, w: Workload, weights: We
         if s:
             frozen, trained = weights.buffer_bytes + s.frozen_shard, 4 * s.trained_shard
             gathered = s.frozen_gathered + s.trained_gathered
-    stored, recompute = activations(a, w, who, checkpointing)
-    host = checkpointed_inputs(a, w) if checkpointing and w.offload else 0
-    return Estimate(method, checkpointing, frozen, trained, stored, loss_head(a, w), recompute, gathered, host)
+    if method == "full" and w.forwards.reference_rows:   # no adapter to switch off: a second copy of the base
+        frozen += (s.base_shard if s else weights.base_params) * w.weight_bytes
+    g = grad_forward(w)
+    stored, recompute = activations(a, g, who, checkpointing)
+    host = checkpointed_inputs(a, g) if checkpointing and w.offload else 0
+    return Estimate(method, checkpointing, frozen, trained, stored, loss_head(a, g), recompute, gathered, host,
+                    no_grad_forwards(a, w), kv_cache(a, w), sampling(a, w))
 
 
 def usable(budget: int, device: str) -> int:

@@ -13,10 +13,20 @@ from torch import nn
 from .. import inject
 from ..errors import ConfigError
 from ..model_io import TORCH_DTYPES
-from ..train.config import TrainConfig
+from ..train.config import PAIRED_OBJECTIVES, REFERENCE_FREE, TrainConfig
 from ..train.distributed import decoder_layers
 from ..train.kernels import kernel_targets, kernels_configured
-from .estimate import METHOD_LABELS, METHODS, Estimate, Sharding, Workload, estimate, largest, usable
+from .estimate import (
+    METHOD_LABELS,
+    METHODS,
+    Estimate,
+    Forwards,
+    Sharding,
+    Workload,
+    estimate,
+    largest,
+    usable,
+)
 from .params import (
     arch_of,
     embedding_parameters,
@@ -96,7 +106,7 @@ def make_plan(cfg: TrainConfig, *, model: str | None = None, memory: int | None 
                         # lorakit.train.loss: the chunked loss does not run under FSDP2
                         chunked_loss=cfg.training.chunked_loss and sharding is None, kernel_norms=kernel_norms,
                         kernel_mlp=kernel_mlp, kernel_loss=kernels,
-                        offload=cfg.training.offload_activations and device == "cuda")
+                        offload=cfg.training.offload_activations and device == "cuda", forwards=forwards_of(cfg))
     # QLoRA trains with training.strategy single only: one process, the whole model, the chunked loss
     setups = {m: (workload, sharding) for m in METHODS}
     setups["qlora"] = (dataclasses.replace(workload, chunked_loss=cfg.training.chunked_loss), None)
@@ -107,7 +117,8 @@ def make_plan(cfg: TrainConfig, *, model: str | None = None, memory: int | None 
     budget = usable(memory, device) if memory is not None else None
     positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     if budget is not None:
-        max_seq = positions or 1 << 20
+        # grpo: a row is a prompt shorter than max_seq_len and the sampled tokens, within the positions
+        max_seq = max(2, positions - max(workload.forwards.sampled - 1, 0)) if positions else 1 << 20
         for e in estimates:
             def fits_with(e=e, **change) -> bool:
                 setup, shards = setups[e.method]
@@ -116,7 +127,7 @@ def make_plan(cfg: TrainConfig, *, model: str | None = None, memory: int | None 
             seq = largest(lambda t: fits_with(seq=t), 2, max_seq)
             fits.append(Fit(e.method, e.checkpointing, e.total <= budget,
                             largest(lambda b: fits_with(batch=b), 1, _MAX_BATCH), seq,
-                            seq_at_position_limit=positions is not None and seq == positions))
+                            seq_at_position_limit=positions is not None and seq == max_seq))
 
     data = count_data(cfg, examples, tokenizer_dir(source) if examples is None else None)
     warnings = injected + risk_warnings(cfg, data, params.trainable, embedding_parameters(meta), new_tokens)
@@ -137,6 +148,21 @@ def make_plan(cfg: TrainConfig, *, model: str | None = None, memory: int | None 
     return Plan(source, config.model_type, exact, workload, cfg.training.gradient_checkpointing, params, estimates,
                 memory, budget, fits, data, suggestions(cfg, data, task), warnings, notes, strategy, processes,
                 positions)
+
+
+def forwards_of(cfg: TrainConfig) -> Forwards:
+    """The forwards a micro-batch of `training.objective` runs (lorakit.train.preference, grpo)."""
+    objective, pref = cfg.training.objective, cfg.preference
+    reference = 0 if objective in REFERENCE_FREE or pref.precompute_reference else 2
+    if objective in PAIRED_OBJECTIVES:
+        return Forwards(objective, rows=2, reference_rows=reference)
+    if objective == "kto":     # the completions and their KL rows, both scored by the reference
+        return Forwards(objective, rows=1, reference_rows=reference, scoring_rows=1)
+    if objective == "grpo":
+        g = cfg.grpo.group_size
+        return Forwards(objective, rows=g, reference_rows=g if cfg.grpo.beta > 0 else 0,
+                        sampled=cfg.grpo.max_completion_len, top_p=cfg.grpo.top_p)
+    return Forwards()
 
 
 def _not_fitting(fit: Fit, estimates: list[Estimate], memory: int, budget: int, cfg: TrainConfig) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from .estimate import METHOD_LABELS
+from .estimate import METHOD_LABELS, Workload, row_length
 from .result import Plan
 
 GIB = 2**30
@@ -51,14 +51,19 @@ def render_text(plan: Plan) -> str:
     per_process = " per process" if plan.strategy != "single" else ""
     lines += ["", f"peak training memory{per_process}, {unit}: micro_batch_size {w.batch} x max_seq_len {w.seq} on "
                   f"{w.device} ({precision}, {w.attention}{', rows padded or packed' if w.masked else ''})"]
+    lines += [f"  {line}" for line in objective_lines(w)]
     head = [""] + [f"{METHOD_LABELS[e.method]}{'+ckpt' if e.checkpointing else ''}" for e in plan.estimates]
     rows = [head]
     gathered = any(e.gathered for e in plan.estimates)
+    sampled = any(e.kv_cache for e in plan.estimates)
     for label, attr, shown in (("frozen weights", "frozen_weights", True),
                                ("trained weights+grads+AdamW", "trained_state", True),
                                ("gathered by FSDP2 (unsharded)", "gathered", gathered),
                                ("activations kept for backward", "activations", True),
                                ("loss / logits", "loss_logits", True), ("layer recompute / backward", "recompute", True),
+                               ("no-grad forwards (reference)", "reference", any(e.reference for e in plan.estimates)),
+                               ("KV cache (sampling)", "kv_cache", sampled),
+                               ("sampling: prefill / decoding", "sampling", sampled),
                                ("peak", "total", True),
                                ("offloaded to host memory", "host", any(e.host for e in plan.estimates))):
         if shown:
@@ -71,8 +76,12 @@ def render_text(plan: Plan) -> str:
         rows.append([f"largest max_seq_len at batch {w.batch}"]
                     + [f"{f.largest_seq or '-'}{'*' if f.seq_at_position_limit else ''}" for f in plan.fits])
     lines += _table(rows, set(range(1, len(head))))
-    lines.append("  peak = frozen + trained + activations + the larger of loss/logits and recompute (not alive "
-                 "together); +ckpt: training.gradient_checkpointing" + (" (configured)" if plan.checkpointing else ""))
+    alive = ("the largest of loss/logits, recompute and the no-grad forwards" if any(e.reference for e in plan.estimates)
+             else "the larger of loss/logits and recompute")
+    sampling = (", or KV cache + sampling when larger (sampling ends before the forward with gradients starts)"
+                if sampled else "")
+    lines.append(f"  peak = frozen + trained + activations + {alive} (not alive together){sampling}; +ckpt: "
+                 "training.gradient_checkpointing" + (" (configured)" if plan.checkpointing else ""))
     if any(f.seq_at_position_limit for f in plan.fits):
         lines.append(f"  * the model's position limit (max_position_embeddings {plan.max_position_embeddings}), not "
                      "memory: the model takes no longer rows")
@@ -93,6 +102,47 @@ def render_text(plan: Plan) -> str:
         if items:
             lines += ["", title] + [f"  - {item}" for item in items]
     return "\n".join(lines)
+
+
+def objective_lines(w: Workload) -> list[str]:
+    """What the forwards of `training.objective` are, and so why the rows are 2x or Gx (none for sft)."""
+    f, b, t = w.forwards, w.batch, w.seq
+    name = f"training.objective={f.objective}"
+    if f.objective == "sft":
+        return []
+    if f.objective == "grpo":
+        rows, length = b * f.rows, row_length(w)
+        reference = ("and a no-grad forward of them by the reference (the base, adapter off; grpo.beta > 0)"
+                     if f.reference_rows else "and no reference forward (grpo.beta=0)")
+        line = (f"{name}: micro_batch_size {b} prompts x grpo.group_size {f.rows} = {rows} completions; each row "
+                f"is a prompt shorter than max_seq_len ({t - 1} tokens at most) and up to grpo.max_completion_len "
+                f"{f.sampled} sampled tokens, {length} in all. Sampling holds the KV cache of the {rows} rows; then "
+                f"one forward with gradients of them {reference}")
+    elif f.objective == "kto":
+        reference = (f" and the reference's {b} + {b} = {b * f.reference_rows} (completions and KL rows)"
+                     if f.reference_rows else " (the reference's log-probabilities: once before training, "
+                     "preference.precompute_reference)")
+        line = (f"{name}: micro_batch_size {b} completions, one forward with gradients of {b} rows of up to "
+                f"max_seq_len {t}; no-grad forwards in the step: the policy's {b} KL rows{reference}. A KL row pairs "
+                f"a prompt with another example's completion, so a batch can be wider than max_seq_len (up to "
+                f"{2 * t - 2} tokens), which this plan does not assume")
+    else:
+        if f.reference_rows:
+            reference = (f"; the reference (the base, adapter off) scores the same {b * f.rows} rows in a no-grad "
+                         "forward in the step")
+        elif f.objective in ("simpo", "orpo"):
+            reference = f"; {f.objective} compares no reference"
+        else:
+            reference = ("; the reference's log-probabilities are computed once before training "
+                         "(preference.precompute_reference), so no reference forward in the step")
+        line = (f"{name}: micro_batch_size {b} pairs, one forward with gradients of 2 x {b} = {b * f.rows} rows "
+                f"(the chosen, then the rejected completions) of up to max_seq_len {t}{reference}")
+    lines = [line, "loss / logits: the completions' log-probabilities (lorakit.train.logprobs) in place of the "
+             "cross-entropy"]
+    if f.reference_rows:
+        lines.append("full fine-tuning has no adapter to switch off for the reference: its columns count a second "
+                     "copy of the weights in frozen weights")
+    return lines
 
 
 def _per_process_lines(plan: Plan) -> list[str]:

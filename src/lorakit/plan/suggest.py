@@ -21,6 +21,7 @@ from ..builtin.names import BUILTIN_DATA
 from ..model_io import load_tokenizer
 from ..train.config import TrainConfig
 from ..train.data import build_datasets, load_records
+from ..train.preference_data import build_objective_data
 from .tasks import RANK_RULE, TASK_RANKS
 
 _DROPOUT_RULE = "0 above ~100k examples, 0.05-0.1 below 10k, 0.1-0.3 below 1k"
@@ -61,9 +62,14 @@ def count_data(cfg: TrainConfig, examples: int | None, tokenizer_dir: Path | Non
     missing = [s for s in specs if s != BUILTIN_DATA and not Path(s).exists()]
     if missing:
         return DataSummary(None, None, f"{missing[0]} is not here; pass --examples N")
+    objective = cfg.training.objective
     if tokenizer_dir is not None:
-        _, _, report = build_datasets(cfg.data, load_tokenizer(str(tokenizer_dir)), cfg.training.seed)
-        return DataSummary(report.used_train, report.trained_tokens,
+        tokenizer = load_tokenizer(str(tokenizer_dir))
+        if objective == "sft":
+            report = build_datasets(cfg.data, tokenizer, cfg.training.seed)[2]
+        else:   # pairs, completions or prompts; the trained tokens are the completions' (grpo: sampled, unknown)
+            report = build_objective_data(cfg.data, tokenizer, cfg.training.seed, objective).report
+        return DataSummary(report.used_train, report.trained_tokens or None,
                            f"{', '.join(map(str, specs))}, tokenized with {tokenizer_dir}")
     n = len(load_records(cfg.data.train, cfg.data.columns))
     if cfg.data.eval is None and specs != [BUILTIN_DATA] and cfg.data.eval_fraction > 0:   # as build_datasets splits

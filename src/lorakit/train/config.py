@@ -4,7 +4,9 @@
     lora:      the adapter (every `lorakit.LoraConfig` field)
     mixture:   instead of a new adapter, a mixture of experts or AdapterFusion over saved adapters
     data:      files, format, template, masking, truncation, packing
-    training:  optimiser, schedule, batch, precision, evaluation, checkpoints, resume
+    training:  objective, optimiser, schedule, batch, precision, evaluation, checkpoints, resume
+    preference: the settings of the preference objectives (dpo, ipo, simpo, orpo, kto)
+    grpo:      the settings of GRPO (sampling, rewards, the clipped policy loss)
     output:    where the run is written and what is exported
 
 Validated once here, at the edge; the rest of the code trusts these objects. A field with a
@@ -30,6 +32,17 @@ Schedule = Literal["constant", "linear", "cosine"]
 Strategy = Literal["single", "ddp", "fsdp"]
 KernelChoice = Literal["auto", "triton", "torch"]
 TrackerName = Literal["tensorboard", "wandb", "mlflow"]
+ObjectiveName = Literal["sft", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"]
+PAIRED_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
+"""Trained on pairs of a chosen and a rejected completion."""
+PREFERENCE_OBJECTIVES = (*PAIRED_OBJECTIVES, "kto")
+"""The objectives the `preference:` section sets."""
+REFERENCE_FREE = ("simpo", "orpo")
+"""Preference objectives that compare no reference model."""
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto", "grpo")
+"""The objectives with a reference model (training.reference_adapter)."""
+GrpoLoss = Literal["dapo", "grpo", "dr_grpo"]
+RewardScale = Literal["group", "none"]
 TRACKERS = get_args(TrackerName)
 
 
@@ -142,6 +155,12 @@ class TrainingSection:
     """Continue from a checkpoint: "auto" (the newest in the output dir) or a checkpoint path."""
     strategy: Strategy = "single"
     """One process, or several: ddp replicates the model, fsdp (FSDP2) shards the frozen base; both need torchrun or --nproc."""
+    objective: ObjectiveName = "sft"
+    """What a step minimises: sft (next-token cross-entropy), the preference losses dpo, ipo, simpo, orpo (pairs) and kto (unpaired, labelled), or grpo (rewards of sampled completions)."""
+    init_from: str | None = None
+    """Start the adapter from a saved one (e.g. an SFT run's directory) with its config and weights, instead of from `lora`; e.g. SFT, then DPO from it."""
+    reference_adapter: str | None = None
+    """dpo, ipo, kto, grpo: a saved adapter as the frozen reference model (e.g. the SFT run trained from); None: the base model with the adapter switched off."""
 
     def __post_init__(self) -> None:
         check_choices(self, "training")
@@ -161,9 +180,105 @@ class TrainingSection:
              "training.kernels: triton and training.compile: true exclude each other: torch.compile writes its "
              "own Triton kernels for these ops (and lorakit's would break its graphs); keep one, or set "
              "training.kernels: auto"),
+            (self.init_from != "" and self.reference_adapter != "",
+             "training.init_from and training.reference_adapter take an adapter directory or null, not an empty string"),
             (self.gradient_checkpointing or not self.offload_activations,
              "training.offload_activations moves the checkpointed layer inputs to CPU memory, so it needs "
              "training.gradient_checkpointing: true"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class PreferenceSection:
+    beta: float | None = None
+    """How far the policy may move from the reference (dpo, ipo: the regulariser, kto); SimPO's reward scale. None: 0.1, for simpo 2.0."""
+    label_smoothing: float = 0.0
+    """dpo, simpo: the assumed share of flipped preference labels (conservative DPO), in [0, 0.5)."""
+    gamma: float = 0.5
+    """simpo: the target margin between chosen and rejected rewards, as gamma / beta in log-probability (TRL's simpo_gamma)."""
+    length_normalize: bool = True
+    """simpo: rewards are mean log-probabilities per completion token (the paper's); false: sums."""
+    sft_weight: float = 0.0
+    """dpo, ipo: add this x the chosen completions' cross-entropy per token (RPO; TRL's loss_type [sigmoid, sft] with loss_weights [1, w]), which keeps the chosen answers likely while the margin grows."""
+    orpo_lambda: float = 0.1
+    """orpo: weight of the odds-ratio term next to the chosen completions' cross-entropy."""
+    desirable_weight: float = 1.0
+    """kto: weight of the desirable (label true) examples' loss."""
+    undesirable_weight: float = 1.0
+    """kto: weight of the undesirable (label false) examples' loss."""
+    precompute_reference: bool = False
+    """dpo, ipo, kto: compute the reference log-probabilities once before training, not in every step (one no-grad pass over the data; saves a forward per step)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.beta is None or self.beta > 0, f"preference.beta must be > 0 or null, got {self.beta!r}"),
+            (0 <= self.label_smoothing < 0.5, f"preference.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}"),
+            (self.gamma >= 0, f"preference.gamma must be >= 0, got {self.gamma!r}"),
+            (self.orpo_lambda > 0, f"preference.orpo_lambda must be > 0, got {self.orpo_lambda!r}"),
+            (self.sft_weight >= 0, f"preference.sft_weight must be >= 0, got {self.sft_weight!r}"),
+            (self.desirable_weight > 0 and self.undesirable_weight > 0,
+             "preference.desirable_weight and undesirable_weight must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def beta_for(self, objective: str) -> float:
+        """`beta`, or the objective's default when unset."""
+        return self.beta if self.beta is not None else (2.0 if objective == "simpo" else 0.1)
+
+
+PREFERENCE_FIELDS_FOR = {
+    "label_smoothing": ("dpo", "simpo"), "gamma": ("simpo",), "length_normalize": ("simpo",),
+    "orpo_lambda": ("orpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
+    "precompute_reference": ("dpo", "ipo", "kto"), "sft_weight": ("dpo", "ipo"),
+    "beta": ("dpo", "ipo", "simpo", "kto"),
+}
+"""Which objectives read each `preference` setting: setting one for another objective is an error."""
+
+
+@dataclass
+class GrpoSection:
+    group_size: int = 4
+    """Completions sampled per prompt (G); their rewards are compared within the group."""
+    max_completion_len: int = 32
+    """New tokens sampled per completion at most."""
+    temperature: float = 1.0
+    """Sampling temperature; the log-probabilities of the loss use it too."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens holding this probability."""
+    epsilon: float = 0.2
+    """The policy ratio is clipped to [1 - epsilon, 1 + epsilon_high]."""
+    epsilon_high: float | None = None
+    """The upper clip (DAPO's clip-higher); None: epsilon."""
+    beta: float = 0.04
+    """Weight of the KL term to the reference (the base with the adapter off, or training.reference_adapter); 0 skips the reference forward."""
+    loss_type: GrpoLoss = "dapo"
+    """How token losses are averaged: dapo (over all completion tokens of the step), grpo (per completion, then over completions), dr_grpo (over completions x max_completion_len)."""
+    scale_rewards: RewardScale = "group"
+    """Advantages are rewards minus the group's mean, divided by the group's std (group) or not (none, as Dr. GRPO recommends)."""
+    rewards: list[str] = field(default_factory=list)
+    """Reward functions: built-in names (exact_answer, format) or your own as path/to/file.py:fn or package.module:fn; empty: exact_answer, which needs an `answer` field."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function (the reward is their weighted sum); None: all 1."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "grpo")
+        checks = [
+            (self.group_size >= 2, f"grpo.group_size must be >= 2 (advantages compare completions of one prompt), "
+                                   f"got {self.group_size!r}"),
+            (self.max_completion_len >= 1, f"grpo.max_completion_len must be >= 1, got {self.max_completion_len!r}"),
+            (self.temperature > 0, f"grpo.temperature must be > 0, got {self.temperature!r}"),
+            (0 < self.top_p <= 1, f"grpo.top_p must be in (0, 1], got {self.top_p!r}"),
+            (self.epsilon > 0 and (self.epsilon_high is None or self.epsilon_high > 0),
+             "grpo.epsilon and epsilon_high must be > 0"),
+            (self.beta >= 0, f"grpo.beta must be >= 0, got {self.beta!r}"),
+            (self.reward_weights is None or len(self.reward_weights) == max(1, len(self.rewards)),
+             f"grpo.reward_weights has {len(self.reward_weights or [])} weights for {max(1, len(self.rewards))} "
+             f"reward function(s); give one weight per function"),
         ]
         for ok, message in checks:
             if not ok:
@@ -254,6 +369,10 @@ class TrainConfig:
     """Training and evaluation data."""
     training: TrainingSection = field(default_factory=TrainingSection)
     """The optimisation loop."""
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
+    """Settings of the preference objectives (training.objective dpo, ipo, simpo, orpo, kto)."""
+    grpo: GrpoSection = field(default_factory=GrpoSection)
+    """Settings of GRPO (training.objective grpo)."""
     output: OutputSection = field(default_factory=OutputSection)
     """What is written where."""
 
@@ -265,6 +384,32 @@ class TrainConfig:
             raise ConfigError(f"model.quantize_base={self.model.quantize_base} trains with training.strategy=single "
                               f"only (4-bit layers are not sharded or replicated by {self.training.strategy}); "
                               "set training.strategy=single or model.quantize_base=none")
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        """Settings of one objective given for another, and what the non-SFT objectives do not combine with."""
+        objective, pref = self.training.objective, self.preference
+        for name, readers in PREFERENCE_FIELDS_FOR.items():
+            if getattr(pref, name) != getattr(PreferenceSection(), name) and objective not in readers:
+                raise ConfigError(f"preference.{name} is set but training.objective is {objective}; it applies to "
+                                  f"{', '.join(readers)} only. Drop it or set training.objective")
+        if self.grpo != GrpoSection() and objective != "grpo":
+            raise ConfigError(f"grpo settings are given but training.objective is {objective}; set "
+                              "training.objective=grpo or drop the grpo section")
+        if self.training.reference_adapter and objective not in REFERENCE_OBJECTIVES:
+            raise ConfigError(f"training.reference_adapter is set but training.objective is {objective}, which "
+                              f"compares no reference model; it applies to {', '.join(REFERENCE_OBJECTIVES)}")
+        if objective == "sft":
+            return
+        if self.mixture.experts:
+            raise ConfigError(f"training.objective={objective} trains a LoRA adapter; mixture.experts trains with "
+                              "training.objective=sft only")
+        if self.data.packing:
+            raise ConfigError(f"data.packing is for training.objective=sft; {objective} compares whole completions "
+                              "one per row. Set data.packing=false")
+        if self.data.train_on_inputs:
+            raise ConfigError(f"data.train_on_inputs is for training.objective=sft; {objective} scores completions "
+                              "only. Set data.train_on_inputs=false")
 
 
 OTHER_TOOLS_NAMES: dict[str, str] = {

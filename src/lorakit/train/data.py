@@ -40,9 +40,10 @@ import io
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -61,6 +62,9 @@ FORMAT_KEYS = {   # what each format reads, for error messages
     "prompt_completion": "prompt, completion",
     "text": "text",
 }
+SampleKind = Literal["sft", "paired", "unpaired", "prompts"]
+SAMPLE_UNITS: dict[str, str] = {"sft": "samples", "paired": "pairs", "unpaired": "examples", "prompts": "prompts"}
+"""What the data report calls one sample of each kind."""
 FILE_FORMS = (f".jsonl, .json or .csv file, a directory saved with datasets' save_to_disk, "
               f"hf:NAME[:SPLIT] or {BUILTIN_DATA!r}")
 
@@ -104,9 +108,9 @@ class DataReport:
     used_eval: int = 0
     """Evaluation samples kept."""
     truncated: int = 0
-    """Samples (train and eval) cut to max_seq_len."""
+    """Samples (train and eval) cut to max_seq_len (preference data: a completion cut)."""
     dropped_no_target: int = 0
-    """Samples dropped because no token was left to train on."""
+    """Samples dropped because no token was left to train on (prompts: no room left to sample one)."""
     formats: dict[str, int] = field(default_factory=dict)
     """{format: samples converted in it}."""
     train_tokens: int = 0
@@ -128,28 +132,52 @@ class DataReport:
     per_turn_samples: int = 0
     """The samples those conversations gave."""
 
+    kind: SampleKind = "sft"
+    """What a sample is: sft (a token sequence), paired (a prompt with a chosen and a rejected
+    completion), unpaired (a prompt with one completion labelled desirable or not) or prompts (to
+    sample completions of); the objectives' data (preference_data.py) reports in these terms."""
+    desirable: int = 0
+    """unpaired: the training samples labelled desirable (the rest are undesirable)."""
+
     def lines(self) -> list[str]:
         """A human-readable summary, one fact per line; the first line's counts add up to `read`."""
         formats = ", ".join(f"{name} {count}" for name, count in sorted(self.formats.items())) or "none"
         share = 100 * self.trained_tokens / self.train_tokens if self.train_tokens else 0.0
         left_out = f"; {self.not_used} left out by data.max_samples" if self.not_used else ""
+        unit = SAMPLE_UNITS[self.kind]
+        if self.kind == "sft":
+            train = (f"train: {self.used_train} samples, {self.train_tokens} tokens, {self.trained_tokens} trained "
+                     f"({share:.1f}%)")
+        elif self.kind == "prompts":
+            train = f"train: {self.used_train} prompts, {self.train_tokens} tokens"
+        else:   # a pair's tokens are its two sequences, the prompt in each, as the model reads them
+            labels = (f" ({self.desirable} desirable, {self.used_train - self.desirable} undesirable)"
+                      if self.kind == "unpaired" else "")
+            train = (f"train: {self.used_train} {unit}{labels}, {self.train_tokens} tokens, {self.trained_tokens} "
+                     f"of them in the completions ({share:.1f}%)")
         out = [
             f"data: read {self.read} records (formats: {formats}{left_out})",
-            f"train: {self.used_train} samples, {self.train_tokens} tokens, {self.trained_tokens} trained "
-            f"({share:.1f}%)",
-            f"eval: {self.used_eval} samples ({self.eval_from})",
+            train,
+            f"eval: {self.used_eval} {unit} ({self.eval_from})",
         ]
         if self.per_turn:
             out.append(f"per turn: {self.per_turn} conversations gave {self.per_turn_samples} samples, since the chat "
                        f"template renders earlier turns differently (e.g. without their reasoning): each assistant "
                        f"turn is trained once, after the prompt it is answered from")
         if self.truncated:
-            out.append(f"truncated: {self.truncated} samples cut to max_seq_len={self.max_seq_len}")
-        if self.dropped_no_target:
+            what = "cut" if self.kind == "sft" else "with a completion cut"
+            out.append(f"truncated: {self.truncated} {unit} {what} to max_seq_len={self.max_seq_len}")
+        if self.dropped_no_target and self.kind == "sft":
             before = self.dropped_no_target - self.dropped_by_truncation
             out.append(f"dropped: {self.dropped_no_target} samples with no trained token "
                        f"({self.dropped_by_truncation} lost theirs to truncation, {before} had none, "
                        f"e.g. no assistant turn)")
+        elif self.dropped_no_target and self.kind == "prompts":
+            out.append(f"dropped: {self.dropped_no_target} prompts of max_seq_len={self.max_seq_len} tokens or more, "
+                       f"leaving no room for a completion")
+        elif self.dropped_no_target:
+            out.append(f"dropped: {self.dropped_no_target} {unit} with no completion token left after truncation "
+                       f"to max_seq_len={self.max_seq_len}")
         return out
 
 
@@ -331,12 +359,12 @@ def to_examples(record: dict, source: str, fmt: str, tokenizer: Any, cfg: DataSe
     if fmt not in DATA_FORMATS:
         raise DataError(f"{source}: unknown data format {fmt!r}; data.format is one of {', '.join(DATA_FORMATS)}")
     if fmt == "text":
-        ids = _encode(tokenizer, string_field(record, "text", fmt, source), True) + [_eos(tokenizer, source)]
+        ids = encode(tokenizer, string_field(record, "text", fmt, source), True) + [eos_id(tokenizer, source)]
         return [Example(ids, list(ids), source)]
     if fmt == "prompt_completion":
-        prompt = _encode(tokenizer, string_field(record, "prompt", fmt, source), True)
+        prompt = encode(tokenizer, string_field(record, "prompt", fmt, source), True)
         completion_text = string_field(record, "completion", fmt, source)
-        completion = _encode(tokenizer, completion_text, False) + [_eos(tokenizer, source)]
+        completion = encode(tokenizer, completion_text, False) + [eos_id(tokenizer, source)]
         ids = prompt + completion
         labels = list(ids) if cfg.train_on_inputs else [IGNORE_INDEX] * len(prompt) + completion
         return [Example(ids, labels, source, prompt_ids=prompt, reference=completion_text)]
@@ -345,23 +373,27 @@ def to_examples(record: dict, source: str, fmt: str, tokenizer: Any, cfg: DataSe
                                                                    cfg.train_on_inputs)]
 
 
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """The token ids of `text`, with the tokenizer's BOS etc. when `add_special_tokens` (plain text
+    prompts; a rendered chat template writes its own)."""
     # verbose=False: no "Token indices sequence length is longer than ..." from transformers; the
     # samples are truncated to data.max_seq_len and counted in the data report instead
     return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 
 
-def _eos(tokenizer: Any, source: str) -> int:
+def eos_id(tokenizer: Any, source: str) -> int:
+    """The EOS id plain-text completions end with, so the model learns to stop."""
     if tokenizer.eos_token_id is None:
-        raise DataError(f"{source}: the tokenizer has no EOS token, which prompt_completion and text formats append; "
-                        f"use a chat format or a tokenizer with eos_token set")
+        raise DataError(f"{source}: the tokenizer has no EOS token, which plain-text completions end with "
+                        f"(prompt_completion and text formats, string completions of preference data); use chat "
+                        f"messages or a tokenizer with eos_token set")
     return tokenizer.eos_token_id
 
 
 def _chat_example(chat: ChatText, tokenizer: Any) -> Example:
     """A token is trained when its first character lies in a trained span."""
     try:
-        enc = tokenizer(chat.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)   # see _encode
+        enc = tokenizer(chat.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)   # see encode
     except NotImplementedError:
         raise DataError("chat-like data needs a fast tokenizer (offsets map turns to tokens); load the model's "
                         "tokenizer with use_fast=True") from None
@@ -370,32 +402,62 @@ def _chat_example(chat: ChatText, tokenizer: Any) -> Example:
     for start, end in chat.spans:
         trained[start:end] = b"\x01" * (end - start)
     labels = [t if trained[start] else IGNORE_INDEX for t, (start, _) in zip(ids, enc["offset_mapping"], strict=True)]
-    prompt_ids = _encode(tokenizer, chat.prompt, False) if chat.prompt is not None else None
+    prompt_ids = encode(tokenizer, chat.prompt, False) if chat.prompt is not None else None
     return Example(ids, labels, chat.source, prompt_ids=prompt_ids, reference=chat.reference)
 
 
 # ------------------------------------------------------------------------------------ the datasets
 
-def _is_builtin(spec: str | list[str]) -> bool:
+Record = tuple[dict, str]
+"""A record as read, with where it came from ("path:line")."""
+
+
+def is_builtin(spec: str | list[str] | None) -> bool:
+    """Whether `spec` is the built-in dataset alone (so its own eval split applies)."""
     return spec == BUILTIN_DATA or (isinstance(spec, list) and spec == [BUILTIN_DATA])
 
 
 def build_datasets(cfg: DataSection, tokenizer: Any, seed: int) -> tuple[list[Example], list[Example], DataReport]:
-    """(train, eval, report): records read, split, capped, converted, truncated and counted.
+    """(train, eval, report): records read, split, capped (`split_records`), converted, truncated
+    and counted."""
+    report = DataReport(max_seq_len=cfg.max_seq_len)
+    train_records, eval_records = split_records(cfg, seed, report)
+
+    train = _convert(train_records, tokenizer, cfg, report, "train")
+    evals = _convert(eval_records, tokenizer, cfg, report, "eval")
+    if not train:
+        raise DataError(_empty_message("training", cfg.train, len(train_records), report))
+    if eval_records and not evals:
+        raise DataError(_empty_message("evaluation", cfg.eval or cfg.train, len(eval_records), report))
+    report.used_train, report.used_eval = len(train), len(evals)
+    report.train_tokens = sum(len(e.input_ids) for e in train)
+    report.trained_tokens = sum(e.num_trained for e in train)
+    return train, evals, report
+
+
+def split_records(cfg: DataSection, seed: int, report: DataReport,
+                  builtin: Callable[[list[Record]], list[Record]] | None = None) -> tuple[list[Record], list[Record]]:
+    """(train, eval) records, with `report.read`, `eval_from` and `not_used` filled in; shared by
+    every objective's data, so they all split alike.
 
     Evaluation data is `cfg.eval` if set, else the built-in eval file for the built-in data, else
     `cfg.eval_fraction` of the training records after a shuffle seeded with `seed` (the same seed
     gives the same split). `cfg.max_samples` caps the training records after that shuffle. Only
     when splitting or capping are the records reordered; otherwise they keep their file order.
+    `builtin`, when given, replaces the built-in dataset's records (each split's file, in file
+    order) before any of that: how the preference objectives derive theirs from its chat tasks.
     """
-    report = DataReport(max_seq_len=cfg.max_seq_len)
-    train_records = load_records(cfg.train, cfg.columns)
-    eval_records: list[tuple[dict, str]] = []
+    def load(spec: str | list[str], split: str) -> list[Record]:
+        records = load_records(spec, cfg.columns, split)
+        return builtin(records) if builtin is not None and is_builtin(spec) else records
+
+    train_records = load(cfg.train, "train")
+    eval_records: list[Record] = []
     if cfg.eval is not None:
-        eval_records = load_records(cfg.eval, cfg.columns, split="eval")
+        eval_records = load(cfg.eval, "eval")
         report.eval_from = "data.eval"
-    elif _is_builtin(cfg.train):
-        eval_records = load_records(BUILTIN_DATA, cfg.columns, split="eval")
+    elif is_builtin(cfg.train):
+        eval_records = load(BUILTIN_DATA, "eval")
         report.eval_from = "the built-in eval split"
     report.read = len(train_records) + len(eval_records)
     if not train_records:
@@ -403,7 +465,7 @@ def build_datasets(cfg: DataSection, tokenizer: Any, seed: int) -> tuple[list[Ex
     if cfg.eval is not None and not eval_records:
         raise DataError(f"no evaluation records in {cfg.eval}: the data is empty")
 
-    hold_out = cfg.eval is None and not _is_builtin(cfg.train) and cfg.eval_fraction > 0
+    hold_out = cfg.eval is None and not is_builtin(cfg.train) and cfg.eval_fraction > 0
     if hold_out or cfg.max_samples is not None:
         random.Random(seed).shuffle(train_records)
     if hold_out:
@@ -416,17 +478,7 @@ def build_datasets(cfg: DataSection, tokenizer: Any, seed: int) -> tuple[list[Ex
     if cfg.max_samples is not None and len(train_records) > cfg.max_samples:
         report.not_used = len(train_records) - cfg.max_samples
         train_records = train_records[:cfg.max_samples]
-
-    train = _convert(train_records, tokenizer, cfg, report, "train")
-    evals = _convert(eval_records, tokenizer, cfg, report, "eval")
-    if not train:
-        raise DataError(_empty_message("training", cfg.train, len(train_records), report))
-    if eval_records and not evals:
-        raise DataError(_empty_message("evaluation", cfg.eval or cfg.train, len(eval_records), report))
-    report.used_train, report.used_eval = len(train), len(evals)
-    report.train_tokens = sum(len(e.input_ids) for e in train)
-    report.trained_tokens = sum(e.num_trained for e in train)
-    return train, evals, report
+    return train_records, eval_records
 
 
 def _convert(records: list[tuple[dict, str]], tokenizer: Any, cfg: DataSection, report: DataReport,

@@ -3,7 +3,7 @@ against the reference answers (the held-out task metric)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ class EvalResult:
     n_examples: int
     samples: list[tuple[str, str, str]]
     """(prompt, reference, generation) for a few examples spread evenly over the eval set."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """The objective's own held-out metrics ({eval column: value}; preference accuracy, margin, ...)."""
 
 
 @torch.no_grad()

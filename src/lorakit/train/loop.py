@@ -11,8 +11,8 @@
     finish      evaluate -> write the run directory (adapter, tokenizer, config, metrics, plot, card)
 
 What a step minimises, and the micro-batches it computes that on, are its objective's
-(lorakit.train.objective): supervised fine-tuning today; another objective (preference training)
-is another `Objective`, with the loop unchanged.
+(lorakit.train.objective, `training.objective`): supervised fine-tuning, the preference losses
+(lorakit.train.preference) or GRPO (lorakit.train.grpo), with the loop unchanged.
 
 Data order is a pure function of (seed, epoch) (lorakit.train.data.RowStream): each epoch is a
 seeded permutation of the rows and the loop keeps (epoch, position) as the data state, so a resumed
@@ -56,7 +56,10 @@ from .evaluate import EvalResult, evaluate
 from .kernels import kernels_wanted, use_kernels
 from .memory import PeakMemory
 from .metrics import MetricsLog, plot_losses
-from .objective import SFT, Batch, Objective
+from .objective import SFT, Batch, Metrics, Objective
+from .objectives import build_objective
+from .preference_data import build_objective_data
+from .reference import REFERENCE_ADAPTER
 from .report import RunSummary, eval_line, eval_row, model_card, print_summary, printer
 from .run_dir import RunLock, remove_leftovers
 from .schedule import lr_at
@@ -158,13 +161,20 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run | RunSummary:
         tokenizer.chat_template = cfg.data.chat_template
     model = load_model(cfg.model.name_or_path, cfg.model.dtype, str(device), cfg.model.attn_implementation,
                        cfg.model.revision, cfg.model.trust_remote_code, cfg.model.quantize_base)
-    train_examples, eval_examples, report = build_datasets(cfg.data, tokenizer, t.seed)
-    rows = pack(train_examples, cfg.data.max_seq_len) if cfg.data.packing else train_examples
+    if t.objective == "sft":
+        train_examples, eval_examples, report = build_datasets(cfg.data, tokenizer, t.seed)
+        rows = pack(train_examples, cfg.data.max_seq_len) if cfg.data.packing else train_examples
+    else:
+        data = build_objective_data(cfg.data, tokenizer, t.seed, t.objective)
+        rows, eval_examples, report = data.train, data.eval_sft, data.report
     for line in report.lines():
         log(line)
 
     trainee = trainee_for(cfg)
     trainee.attach(model)
+    if cfg.training.reference_adapter:
+        io.load_adapter(model, cfg.training.reference_adapter, REFERENCE_ADAPTER, trainable=False, activate=False)
+        log(f"reference: the adapter {cfg.training.reference_adapter} (frozen)")
     if dist.world > 1:   # the same initial adapter on every process; from here, each its own dropout masks
         torch.manual_seed(t.seed + dist.rank)
     model.train()
@@ -193,17 +203,19 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run | RunSummary:
             dist.close()
             return RunSummary(out, start, None, None, tokens_per_s=0.0, peak_memory_bytes=0, losses=[])
         log(f"resumed from {resume_from} at step {start}")
+    use_bf16 = t.bf16 is True or (t.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    if t.objective == "sft":
+        objective = SFT(rows, tokenizer.pad_token_id, t.micro_batch_size, t.grad_accum, chunked=t.chunked_loss,
+                        kernel=kernels_on)
+    else:
+        objective = build_objective(cfg, data, tokenizer, model, dist, autocast, log)
     metrics = None
     if dist.is_main:
         resume_step = start if resume_from else None
         trackers = open_trackers(cfg, out, resolved, resume_step, log)   # one not installed stops the run here
-        metrics = cleanup.enter_context(MetricsLog(out, resume_step, trackers))   # a failure ends them as failed
-
-    use_bf16 = t.bf16 is True or (t.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-
-    objective = SFT(rows, tokenizer.pad_token_id, t.micro_batch_size, t.grad_accum, chunked=t.chunked_loss,
-                    kernel=kernels_on)
+        metrics = cleanup.enter_context(MetricsLog(out, resume_step, trackers,   # a failure ends them as failed
+                                                   (*objective.columns, *objective.eval_columns)))
     run = Run(cfg, resolved, out, dist, tokenizer, model, step_model, trainee, objective, eval_examples, optimizer,
               autocast, peak, log, metrics, start, total_steps, stream)
     if eval_examples and start == 0:
@@ -222,11 +234,13 @@ def train_step(run: Run, step: int) -> StepStats:
     `TrainingDiverged` before the optimizer steps, with the state before this step saved."""
     t, dist = run.cfg.training, run.dist
     micro = run.objective.batches(run.stream, dist)
-    n_trained = dist.sum(sum(run.objective.count(b) for b in micro).to(dist.device).float())
+    # (K,): the terms each of the loss's K parts sums, over the whole step
+    n_trained = dist.sum(sum(torch.atleast_1d(run.objective.count(b)).to(dist.device).float() for b in micro))
     step_loss, aux_sums, tokens = _backward(run, micro, n_trained)
     # the stop flag rides on the loss's sum, so every process sees the same one at the same step
-    total, stop = dist.sum(torch.stack([step_loss, torch.tensor(float(run.stop.requested), device=dist.device)]))
-    mean_loss = (total / n_trained).item()
+    summed = dist.sum(torch.cat([step_loss, torch.tensor([float(run.stop.requested)], device=dist.device)]))
+    total, stop = summed[:-1], summed[-1]
+    mean_loss = (total / n_trained.clamp(min=1)).sum().item()
     if not math.isfinite(mean_loss):   # summed over processes: all of them stop here together
         run.optimizer.zero_grad(set_to_none=True)
         where = _save(run, step)
@@ -245,14 +259,26 @@ def train_step(run: Run, step: int) -> StepStats:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     aux = {k: (dist.sum(v) / (t.grad_accum * dist.world)).item() for k, v in aux_sums.items()}
-    return StepStats(mean_loss, lr, grad_norm, int(n_trained.item()), tokens, aux, bool(stop.item()))
+    aux.update(_reduce_metrics(run.objective.take_metrics(), dist))
+    return StepStats(mean_loss, lr, grad_norm, int(n_trained[0].item()), tokens, aux, bool(stop.item()))
+
+
+def _reduce_metrics(metrics: Metrics, dist: Dist) -> dict[str, float]:
+    """{column: sum / count} over all processes, in one collective."""
+    if not metrics:
+        return {}
+    names = sorted(metrics)
+    sums = dist.sum(torch.stack([torch.stack([torch.as_tensor(metrics[k][0], dtype=torch.float32, device=dist.device),
+                                              torch.as_tensor(metrics[k][1], dtype=torch.float32, device=dist.device)])
+                                 for k in names]))                                 # (columns, 2)
+    return {k: s / c if c > 0 else None for k, (s, c) in zip(names, sums.tolist(), strict=True)}
 
 
 def _backward(run: Run, micro: list[Batch], n_trained: Tensor) -> tuple[Tensor, dict[str, Tensor], int]:
     """Forward and backward of each micro-batch, gradients accumulating; returns this process's loss
     sum, its sums of the trainee's auxiliary losses and its input tokens."""
     t, dist = run.cfg.training, run.dist
-    step_loss = torch.zeros((), device=dist.device)
+    step_loss = torch.zeros(n_trained.shape, device=dist.device)
     aux_sums: dict[str, Tensor] = {}
     tokens = 0
     try:
@@ -260,10 +286,11 @@ def _backward(run: Run, micro: list[Batch], n_trained: Tensor) -> tuple[Tensor, 
             for batch in micro:
                 batch = {k: v.to(dist.device) for k, v in batch.items()}
                 with run.autocast():
-                    s = run.objective.loss(run.step_model, batch)
+                    s = torch.atleast_1d(run.objective.loss(run.step_model, batch))   # (K,)
                 aux = run.trainee.aux_losses(run.model)
                 # DDP averages gradients over processes: scale by world so the result is the sum / n_trained
-                loss = s * dist.world / n_trained + sum(w * v for w, v in aux.values()) / t.grad_accum
+                loss = ((s * dist.world / n_trained.clamp(min=1)).sum()
+                        + sum(w * v for w, v in aux.values()) / t.grad_accum)
                 loss.backward()
                 step_loss += s.detach()
                 for name, (_, v) in aux.items():
@@ -286,7 +313,8 @@ def after_step(run: Run, step: int, stats: StepStats) -> None:
     run.tokens_seen += stats.tokens
     elapsed = time.perf_counter() - run.t0
     tok_s = run.tokens_seen * dist.world / max(elapsed, 1e-9)
-    run.bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+    shown = {name: f"{stats.aux[name]:.4f}" for name in run.objective.progress if stats.aux.get(name) is not None}
+    run.bar.set_postfix(loss=f"{stats.loss:.4f}", **shown, lr=f"{stats.lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
     run.bar.update(1)
     row = {"step": done, "epoch": round(run.stream.epochs_done, 4), "loss": stats.loss, "lr": stats.lr,
            "grad_norm": stats.grad_norm, "trained_tokens": stats.trained_tokens, "tokens_per_s": round(tok_s, 1),
@@ -399,7 +427,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, lora_plus_
 def _check_same_run(saved: dict, current: dict, where: Path) -> None:
     """Resuming under another model, adapter, data or batch layout would not continue the same run."""
     keys = [("model",), ("lora",), ("mixture",), ("data",), ("training", "micro_batch_size"), ("training", "grad_accum"),
-            ("training", "seed")]
+            ("training", "seed"), ("training", "objective"), ("training", "init_from"),
+            ("training", "reference_adapter"), ("preference",), ("grpo",)]
     changed = []
     for path in keys:
         a, b = saved, current
@@ -431,9 +460,13 @@ def _save(run: Run, step: int) -> Path:
 
 
 def _evaluate(run: Run) -> EvalResult:
+    """The SFT evaluation (for another objective on the held-out records' reference completions),
+    with the objective's own held-out metrics."""
     with run.autocast():
-        return evaluate(run.model, run.tokenizer, run.eval_examples, run.cfg.training.micro_batch_size,
-                        run.dist.device)
+        result = evaluate(run.model, run.tokenizer, run.eval_examples, run.cfg.training.micro_batch_size,
+                          run.dist.device)
+        result.extra = run.objective.evaluate(run.model)
+    return result
 
 
 def _write_run_dir(run: Run, trained, summary: RunSummary) -> None:

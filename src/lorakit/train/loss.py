@@ -61,30 +61,40 @@ def loss_sum(model: nn.Module, batch: dict[str, Tensor], chunked: bool = False,
     `kernel`: with the Triton kernel for each chunk's softmax (lorakit.kernels.cross_entropy)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    targets = labels[:, 1:]                                       # (B, T-1): token t predicts t+1
     n = trained_tokens(labels)
+    hidden, head, logits = head_forward(model, inputs, labels.shape, chunked)
+    if hidden is not None:
+        return _chunked_loss(hidden, head, labels, kernel), n
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, n
+
+
+def head_forward(model: nn.Module, inputs: dict[str, Tensor], shape: torch.Size,
+                 chunked: bool) -> tuple[Tensor | None, nn.Linear | None, Tensor | None]:
+    """One forward of `model` on `inputs` ((B, T) = `shape`): (the head's input hidden (B, T, d),
+    the head's linear layer, None) when `chunked` and the chunked path is exact for this model
+    (module docstring), else (None, None, the logits (B, T, V))."""
     inner = _unwrap(model)
     head = _chunkable_head(inner) if chunked and inner not in _HEAD_OUTPUT_CHANGED else None
+    device = inputs["input_ids"].device
     if head is not None:
-        rng = None if inner in _HEAD_OUTPUT_KEPT else _rng_state(labels.device)
+        rng = None if inner in _HEAD_OUTPUT_KEPT else _rng_state(device)
         capture = _HeadCapture(head, _linear_of(head).out_features)
         with capture:
             logits = model(**inputs, use_cache=False).logits
-        if capture.exact_for(logits, labels.shape):
+        if capture.exact_for(logits, shape):
             del logits
             _HEAD_OUTPUT_KEPT.add(inner)
-            return _chunked_loss(capture.hidden, _linear_of(head), labels, kernel), n
+            return capture.hidden, _linear_of(head), None
         del logits, capture
         _HEAD_OUTPUT_CHANGED.add(inner)
         warnings.warn(f"training.chunked_loss: {type(inner).__name__} changes its logits after the output head "
                       "(e.g. soft-capping or scaling), so the loss is computed from the full logits; set "
-                      "training.chunked_loss=false to skip this check", stacklevel=2)
+                      "training.chunked_loss=false to skip this check", stacklevel=3)
         if rng is not None:                                       # the rerun draws the same dropout masks
-            _set_rng_state(rng, labels.device)
-    logits = model(**inputs, use_cache=False).logits              # (B, T, V)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, n
+            _set_rng_state(rng, device)
+    return None, None, model(**inputs, use_cache=False).logits    # (B, T, V)
 
 
 def trained_tokens(labels: Tensor) -> Tensor:
@@ -93,10 +103,15 @@ def trained_tokens(labels: Tensor) -> Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype `F.linear` would compute the head in: autocast's, or the hidden states'."""
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+
 def _chunked_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, kernel: bool) -> Tensor:
     """The loss from the head's input hidden (B, T, d), in the dtype `F.linear` would compute in."""
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    dtype = compute_dtype(hidden)
     weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
     # position t predicts label t+1; the last position predicts nothing: no copy of hidden needed
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)    # (B, T)

@@ -23,24 +23,27 @@ class MetricsLog:
     at that moment. Used as a context manager, leaving the block with an exception ends the
     trackers `finish` has not ended as failed runs."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None, trackers: Sequence[Tracker] = ()) -> None:
+    def __init__(self, out_dir: Path, resume_step: int | None, trackers: Sequence[Tracker] = (),
+                 extra_columns: Sequence[str] = ()) -> None:
+        """`extra_columns`: the objective's own, after `COLUMNS`."""
         self.path = out_dir / "metrics.csv"
+        self.columns = [*COLUMNS, *extra_columns]
         rows = self.read(self.path) if resume_step is not None and self.path.is_file() else []
         rows = [r for r in rows if int(r["step"]) <= (resume_step or 0)]
 
         def write(tmp: str) -> None:
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)
 
         atomic_write(self.path, write)   # a kill or a full disk here leaves the history whole
         self._file = self.path.open("a", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
         self._trackers = list(trackers)
 
     def log(self, row: dict[str, float | int | None]) -> None:
-        self._writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+        self._writer.writerow({k: _fmt(row.get(k)) for k in self.columns})
         self._file.flush()
         values = {k: v for k, v in row.items() if k != "step" and v is not None}
         for tracker in self._trackers:

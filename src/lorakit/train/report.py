@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import TrainConfig
+from .config import REFERENCE_FREE, TrainConfig
 from .evaluate import EvalResult
 from .trainee import Trainee
 
@@ -36,11 +36,13 @@ def printer(enabled: bool) -> Callable[[str], None]:
 
 
 def eval_row(r: EvalResult) -> dict:
-    return {"eval_loss": r.loss, "eval_ppl": r.ppl, "eval_exact_match": r.exact_match}
+    return {"eval_loss": r.loss, "eval_ppl": r.ppl, "eval_exact_match": r.exact_match, **r.extra}
 
 
 def eval_line(when: str, r: EvalResult) -> str:
-    return f"{when}: eval loss {r.loss:.4f} (perplexity {r.ppl:.2f}){_exact_match(r)} on {r.n_examples} examples"
+    extra = "".join(f", {k.removeprefix('eval_').replace('_', ' ')} {v:.4f}" for k, v in r.extra.items())
+    return (f"{when}: eval loss {r.loss:.4f} (perplexity {r.ppl:.2f}){_exact_match(r)}{extra} on {r.n_examples} "
+            "examples")
 
 
 def _exact_match(r: EvalResult) -> str:
@@ -49,7 +51,10 @@ def _exact_match(r: EvalResult) -> str:
 
 def model_card(cfg: TrainConfig, trainee: Trainee, s: RunSummary) -> str:
     def ev(r: EvalResult | None) -> str:
-        return "n/a" if r is None else f"loss {r.loss:.4f}, perplexity {r.ppl:.2f}{_exact_match(r)}"
+        if r is None:
+            return "n/a"
+        extra = "".join(f", {k.removeprefix('eval_').replace('_', ' ')} {v:.4f}" for k, v in r.extra.items())
+        return f"loss {r.loss:.4f}, perplexity {r.ppl:.2f}{_exact_match(r)}{extra}"
 
     return f"""# {trainee.title} for {cfg.model.name_or_path}
 
@@ -59,6 +64,7 @@ Trained with lorakit (`lorakit train`); the resolved configuration is in `config
 |---|---|
 | base model | `{cfg.model.name_or_path}` |
 | trained | {trainee.describe()} |
+| objective | {objective_line(cfg)} |
 | data | `{cfg.data.train}` |
 | steps | {s.steps} (micro batch {cfg.training.micro_batch_size} x accumulation {cfg.training.grad_accum}), lr {cfg.training.lr}, {cfg.training.schedule} schedule |
 | eval before | {ev(s.eval_before)} |
@@ -71,6 +77,27 @@ Files: {trainee.files()}, tokenizer files, `metrics.csv`, `loss.png`, `checkpoin
 {trainee.usage(cfg.output.dir)}
 ```
 """
+
+
+def objective_line(cfg: TrainConfig) -> str:
+    """What the run minimised, with the settings that define it."""
+    objective, p, g = cfg.training.objective, cfg.preference, cfg.grpo
+    adapter = cfg.training.reference_adapter
+    reference = f"the adapter {adapter}" if adapter else "the base model"
+    if objective == "sft":
+        return "sft (next-token cross-entropy on the trained tokens)"
+    if objective == "grpo":
+        rewards = ", ".join(g.rewards) or "exact_answer"
+        return (f"grpo (group size {g.group_size}, rewards {rewards}, beta {g.beta}, epsilon {g.epsilon}, "
+                f"loss type {g.loss_type}, temperature {g.temperature}, reference: {reference})")
+    settings = [f"beta {p.beta_for(objective)}"] if objective != "orpo" else [f"lambda {p.orpo_lambda}"]
+    if objective == "simpo":
+        settings.append(f"gamma {p.gamma}")
+    if objective in REFERENCE_FREE:
+        settings.append("no reference model")
+    else:
+        settings.append(f"reference: {reference}")
+    return f"{objective} ({', '.join(settings)})"
 
 
 def print_summary(s: RunSummary, log: Callable[[str], None]) -> None:

@@ -30,15 +30,20 @@ ADAPTER = "default"
 
 
 class AdapterTrainee:
-    """A new LoRA adapter named `default`, from the `lora:` section, with fp32 master weights."""
+    """A LoRA adapter named `default`, with fp32 master weights: new, from the `lora:` section, or
+    with `training.init_from` a saved adapter's config and weights, trained on (SFT, then DPO)."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.config = dataclasses.replace(cfg.lora, base_model_name_or_path=cfg.model.name_or_path,
-                                          task_type=cfg.lora.task_type or "CAUSAL_LM")
-        self.targets = cfg.lora.target_modules   # as given, for the model card
+        self.init_from = cfg.training.init_from
+        lora = io.read_adapter_config(self.init_from) if self.init_from else cfg.lora
+        self.config = dataclasses.replace(lora, base_model_name_or_path=cfg.model.name_or_path,
+                                          task_type=lora.task_type or "CAUSAL_LM")
+        self.targets = lora.target_modules   # as given, for the model card
 
     def attach(self, model: nn.Module) -> None:
-        inject.add_adapter(model, self.config, ADAPTER, adapter_dtype=torch.float32)
+        inject.add_adapter(model, self.config, ADAPTER, adapter_dtype=torch.float32, initialise=not self.init_from)
+        if self.init_from:
+            io.load_adapter_weights(model, self.init_from, ADAPTER)
         # saved as resolved (DESIGN: the module names "all-linear" matched, and the fused expert
         # weights, which PEFT's own all-linear does not find; given "all-linear" next to expert
         # parameters, PEFT takes the adapter for a transformers-4 one and doubles the experts' rank)
@@ -62,8 +67,9 @@ class AdapterTrainee:
 
     def describe(self) -> str:
         c = self.config
+        start = f", started from `{self.init_from}`" if self.init_from else ""
         return (f"adapter r={c.r}, lora_alpha={c.lora_alpha}, dropout={c.lora_dropout}, targets "
-                f"`{self.targets}`, rsLoRA={c.use_rslora}, DoRA={c.use_dora}")
+                f"`{self.targets}`, rsLoRA={c.use_rslora}, DoRA={c.use_dora}{start}")
 
     def files(self) -> str:
         return "`adapter_config.json` + `adapter_model.safetensors` (PEFT format)"
