@@ -30,6 +30,7 @@ bench: setup
 	$(PY) bench/bench_per_sample.py
 	$(PY) bench/bench_routing.py
 	$(PY) bench/bench_serve.py
+	$(PY) bench/bench_preference.py
 	$(PY) bench/bench_gpu.py
 
 lint: setup

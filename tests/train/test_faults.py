@@ -246,6 +246,40 @@ def test_the_lock_is_released_when_the_run_fails(base_overrides, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+def test_a_sigkilled_preference_run_resumes_to_the_uninterrupted_adapter(objective, base_overrides, tmp_path):
+    """SIGKILL during the steps of a dpo run (reference forwards in the step) and of a grpo run
+    (completions sampled in the step), then training.resume=auto: bit for bit the adapter and the
+    losses of the run never killed (GRPO's sampling is a function of the data order, not of RNG
+    state)."""
+    data = tmp_path / "data.jsonl"
+    words = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white"]
+    with open(data, "w") as f:
+        for w in words:
+            prompt = [{"role": "user", "content": f"echo {w}"}]
+            f.write(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": w}],
+                                "rejected": [{"role": "assistant", "content": w.upper()}]} if objective == "dpo"
+                               else {"prompt": prompt, "answer": w}) + "\n")
+    common = without(base_overrides, "output.dir", "training.max_steps", "data.") + [
+        f"data.train={data}", "data.max_seq_len=64", "training.max_steps=12", "training.save_every=1",
+        "lora.lora_dropout=0.1", f"training.objective={objective}",
+        *(["grpo.max_completion_len=6", "grpo.group_size=2"] if objective == "grpo" else [])]
+    full, killed, log = tmp_path / "full", tmp_path / "killed", tmp_path / "killed.log"
+    assert launch(common + [f"output.dir={full}"], tmp_path / "full.log").wait(timeout=300) == 0, \
+        (tmp_path / "full.log").read_text()[-3000:]
+    proc = launch(common + [f"output.dir={killed}"], log)
+    wait_for(lambda: len(checkpoint.list_checkpoints(killed) or []) >= 2, proc, log)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc = launch(common + [f"output.dir={killed}", "training.resume=auto"], log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "resumed from" in log.read_text()
+    assert_same_adapter(full, killed)
+    losses = [(r["step"], r["loss"]) for r in MetricsLog.read(killed / "metrics.csv") if r["loss"]]
+    assert losses == [(r["step"], r["loss"]) for r in MetricsLog.read(full / "metrics.csv") if r["loss"]]
+
+
+@pytest.mark.slow
 def test_random_sigkills_each_resumed_end_with_the_uninterrupted_adapter(base_overrides, tmp_path):
     """Ten SIGKILLs at seeded random moments (a quarter of them during start-up: lock take-over,
     clean-up, metrics rewrite; the others during the steps and their checkpoints), each followed by

@@ -255,3 +255,15 @@ def test_objective_specific_settings_are_checked():
         load_config(None, ["grpo.group_size=8"])
     with pytest.raises(ConfigError, match="grpo.group_size must be >= 2"):
         load_config(None, ["training.objective=grpo", "grpo.group_size=1"])
+
+
+def test_lorakit_eval_reads_a_preference_runs_data(model_dir, objective_data, tmp_path):
+    """`lorakit eval` on a dpo run's config scores its held-out pairs' chosen completions (the SFT
+    reader would not take pair records), and `--data` a pairs file."""
+    from lorakit.verbs.evaluate import run_eval
+    out = tmp_path / "run"
+    run(*overrides(model_dir, objective_data, out, "dpo", "training.max_steps=1"))
+    held_out = run_eval(str(out / "config.yaml"), [])
+    assert held_out.result.n_examples == 4 and held_out.result.exact_match is not None
+    other = run_eval(str(out / "config.yaml"), [], data=str(objective_data["upper"]))
+    assert other.result.n_examples == 16

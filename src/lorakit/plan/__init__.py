@@ -3,7 +3,8 @@
     train config (+ --model) --params-->  the model on the meta device, adapter injected:
                                           trainable parameters per module type, adapter file size
                              --estimate--> peak memory for LoRA, QLoRA and full fine-tuning,
-                                          with and without checkpointing; what fits a budget
+                                          with and without checkpointing, of the forwards of
+                                          training.objective; what fits a budget
                              --suggest-->  rank, alpha, dropout, targets, epochs, with reasons;
                                           warnings for risky choices
                              --render-->   a table, or JSON

@@ -82,9 +82,9 @@ counts it at N = micro batch x rows per example x row length:
   repeat_kv copies and the mask in the compute dtype; eager: the scores and probabilities).
 - Sampling (grpo, before the training forward, so not alive with its activations; the peak takes
   the larger): the KV cache, 2 (K and V) x layers x kv_dim x rows x row length in the compute dtype,
-  and the larger of the prompts' prefill (a no-grad forward) and one decoding step: its logits, the
-  fp32 copy `generate` makes, GumbelSampler's tempered logits, noise and their sum (rows x vocab
-  each; the noise is drawn on the CPU) and DynamicCache's copy of one layer's K or V as it grows.
+  and the larger of the prompts' prefill (a no-grad forward) and one decoding step's rows x vocab
+  tensors (`sampling`). Prompts are taken at max_seq_len - 1 tokens and completions at full length:
+  a bound, as max_seq_len is for SFT rows.
 - Full fine-tuning has no adapter to switch off: a reference there is a second copy of the
   weights, counted in its frozen weights.
 """
@@ -175,6 +175,7 @@ class Forwards:
     row, a pair, a kto completion, a grpo prompt); the module docstring has the layouts."""
 
     objective: str = "sft"
+    """training.objective."""
     rows: int = 1
     """Rows of the forward with gradients: 2 for a pair, grpo.group_size for a prompt."""
     reference_rows: int = 0
@@ -471,14 +472,14 @@ def _no_grad_layer(a: Arch, w: Workload) -> int:
     rope = 0 if gpt2 else n * (4 * a.q_dim + 2 * a.kv_dim) * cd      # q, k, v, q cos, rotate_half(q), its sin
     qkv = 3 * a.q_dim if gpt2 else a.q_dim + 2 * a.kv_dim            # after rope; GPT-2: the fused c_attn output
     copies = 2 * a.q_dim if repeated else 0                          # repeat_kv's
-    mask = 0                                                         # held by the model's forward
-    if w.attention == "eager":                                       # the scores, then their fp32 softmax
+    mask = 0                                                         # what the model's forward holds throughout
+    if w.attention == "eager":                                       # its mask in cd; the scores, their fp32 softmax
         mask = b * t * t * cd
         attend = n * (qkv + copies) * cd + b * a.heads * t * t * (4 + cd)
-    elif w.masked:                                                   # sdpa: the bool mask, here in cd
-        mask = b * t * t if w.attention == "sdpa" else 0
+    elif w.masked:                                                   # sdpa: its bool mask; the layer's cd copy,
+        mask = b * t * t if w.attention == "sdpa" else 0             # the output and log-sum-exp
         attend = n * (qkv + copies + a.q_dim) * cd + b * t * t * cd + b * a.heads * t * 4
-    else:                                                            # + the output and log-sum-exp
+    else:                                                            # the output and log-sum-exp
         attend = n * (qkv + a.q_dim) * cd + b * a.heads * t * 4
     # the MLP: also the residual (and GPT-2's attention output, which its block holds)
     mlp = stream + (2 if gpt2 else 1) * n * a.hidden * wb + a.act_saved * n * a.intermediate * cd
@@ -535,8 +536,10 @@ def sampling(a: Arch, w: Workload) -> int:
         return 0
     rows = w.batch * f.rows
     prefill = _no_grad_layer(a, dataclasses.replace(w, batch=rows, seq=w.seq - 1))
-    per_entry = w.compute_bytes + 4 + 4 + 4 + (3 * 8 if w.device == "cpu" else 4 + 4) + (4 + 8 + 1 if f.top_p < 1 else 0)
-    step = max(rows * a.vocab * per_entry, kv_cache(a, w) // (2 * a.layers))
+    held = w.compute_bytes + 4 + 4                       # the logits, their fp32 copy, the previous scores
+    noise = 4 + (3 * 8 if w.device == "cpu" else 4 + 4)  # the tempered logits, the noise (docstring)
+    nucleus = 4 + 8 + 1 if f.top_p < 1 else 0           # sorted probabilities, their order, the mask
+    step = max(rows * a.vocab * (held + noise + nucleus), kv_cache(a, w) // (2 * a.layers))
     return max(prefill, step)
 
 

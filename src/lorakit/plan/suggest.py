@@ -69,7 +69,7 @@ def count_data(cfg: TrainConfig, examples: int | None, tokenizer_dir: Path | Non
             report = build_datasets(cfg.data, tokenizer, cfg.training.seed)[2]
         else:   # pairs, completions or prompts; the trained tokens are the completions' (grpo: sampled, unknown)
             report = build_objective_data(cfg.data, tokenizer, cfg.training.seed, objective).report
-        return DataSummary(report.used_train, report.trained_tokens or None,
+        return DataSummary(report.used_train, None if objective == "grpo" else report.trained_tokens,
                            f"{', '.join(map(str, specs))}, tokenized with {tokenizer_dir}")
     n = len(load_records(cfg.data.train, cfg.data.columns))
     if cfg.data.eval is None and specs != [BUILTIN_DATA] and cfg.data.eval_fraction > 0:   # as build_datasets splits

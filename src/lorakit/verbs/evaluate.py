@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import LoraError
 from ..train.config import load_config
 from ..train.data import SplitCount, build_datasets
+from ..train.preference_data import build_objective_data
 from ..train.evaluate import EvalResult, evaluate
 from .generate import load_for_inference
 
@@ -37,7 +38,11 @@ def run_eval(config: str | None, overrides: list[str], data: str | None = None, 
         adapters = [cfg.output.dir]
     net, tokenizer = load_for_inference(model or cfg.model.name_or_path, adapters or [], cfg.model.dtype,
                                         cfg.model.device, attn_implementation or cfg.model.attn_implementation)
-    if data is not None:
+    if cfg.training.objective != "sft":   # its records' reference completions (chosen, desirable, answer)
+        section = cfg.data if data is None else dataclasses.replace(cfg.data, train=data, eval=data, max_samples=None)
+        built = build_objective_data(section, tokenizer, cfg.training.seed, cfg.training.objective)
+        examples, records = built.eval_sft, built.report.splits["eval"]
+    elif data is not None:
         section = dataclasses.replace(cfg.data, train=data, eval=None, eval_fraction=0.0, max_samples=None)
         examples, _, report = build_datasets(section, tokenizer, cfg.training.seed)
         records = report.splits["train"]
