@@ -10,8 +10,8 @@ from pathlib import Path
 from ..errors import LoraError
 from ..train.config import load_config
 from ..train.data import SplitCount, build_datasets
-from ..train.preference_data import build_objective_data
 from ..train.evaluate import EvalResult, evaluate
+from ..train.preference_data import build_objective_data
 from .generate import load_for_inference
 
 
