@@ -73,3 +73,17 @@ def test_make_demo_learns_the_tasks(tmp_path):
     """Exactly what `make demo` runs, with the demo's claim: near-perfect exact match after training."""
     s = _quickstart(tmp_path)
     assert s.eval_before.exact_match == 0.0 and s.eval_after.exact_match >= 0.9, s.eval_after
+
+
+@pytest.mark.slow   # the README's DPO figures: 60 SFT steps, then examples/dpo.yaml (150 steps, ~3-5 minutes on 2 cores)
+def test_dpo_example_raises_preference_accuracy_and_keeps_exact_match(tmp_path):
+    sft = tmp_path / "sft-short"
+    _quickstart(tmp_path, "training.max_steps=60", "training.warmup_steps=5", f"output.dir={sft}")
+    cfg = load_config(str(ROOT / "examples" / "dpo.yaml"),
+                      [f"output.dir={tmp_path / 'dpo'}", "output.tensorboard=false", f"training.init_from={sft}",
+                       f"training.reference_adapter={sft}"])
+    summary = train(cfg)
+    before, after = summary.eval_before, summary.eval_after
+    assert before.extra["eval_rewards_accuracy"] == 0 and before.extra["eval_dpo_loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert after.extra["eval_rewards_accuracy"] > 0.55 and after.extra["eval_rewards_margin"] > 0.005
+    assert after.exact_match >= before.exact_match

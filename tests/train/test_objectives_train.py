@@ -257,6 +257,13 @@ def test_objective_specific_settings_are_checked():
         load_config(None, ["training.objective=grpo", "grpo.group_size=1"])
 
 
+def test_a_missing_init_or_reference_adapter_names_its_key(model_dir, objective_data, tmp_path):
+    from lorakit.errors import ConfigError
+    for key in ("init_from", "reference_adapter"):
+        with pytest.raises(ConfigError, match=f"training.{key}: {tmp_path / 'none'} is not a saved adapter"):
+            run(*overrides(model_dir, objective_data, tmp_path / "run", "dpo", f"training.{key}={tmp_path / 'none'}"))
+
+
 def test_lorakit_eval_reads_a_preference_runs_data(model_dir, objective_data, tmp_path):
     """`lorakit eval` on a dpo run's config scores its held-out pairs' chosen completions (the SFT
     reader would not take pair records), and `--data` a pairs file."""
@@ -267,3 +274,31 @@ def test_lorakit_eval_reads_a_preference_runs_data(model_dir, objective_data, tm
     assert held_out.result.n_examples == 4 and held_out.result.exact_match is not None
     other = run_eval(str(out / "config.yaml"), [], data=str(objective_data["upper"]))
     assert other.result.n_examples == 16
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_grpo_steps_raise_the_completions_with_positive_advantage(model_dir, loss_type):
+    """On fixed completions, a few SGD steps on GRPO's loss raise the log-probability of the
+    completion with advantage +1 and lower the one with -1 (the policy gradient's direction)."""
+    import contextlib
+
+    from lorakit.builtin import build_tokenizer as tokenizer_of
+    from lorakit.train.config import GrpoSection
+    from lorakit.train.distributed import Dist
+    from lorakit.train.grpo import GRPO
+    from lorakit.train.preference_data import PromptExample
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    example = PromptExample([5, 80, 90], "p", {"answer": "x"}, "file:1")
+    grpo = GRPO(GrpoSection(loss_type=loss_type), tokenizer_of(), Dist.setup("single", torch.device("cpu")), 0,
+                [example], [], 0, 1, 1, True, model, None, contextlib.nullcontext)
+    batch = collate_completions([[5, 80, 90]] * 2, [[100, 110, 6], [120, 130, 6]], 0)
+    batch["advantages"] = torch.tensor([1.0, -1.0])
+    before = sequence_logprobs(model, batch, True)[0].detach()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (grpo.loss(model, batch) / grpo.count(batch)).backward()
+        optimizer.step()
+    after = sequence_logprobs(model, batch, True)[0].detach()
+    assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.05, (before, after)

@@ -17,6 +17,7 @@ CLI's `choices` and the README reference read the values from the type.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, get_args
 
 from ..builtin.names import BUILTIN_DATA, BUILTIN_MODEL
@@ -385,6 +386,15 @@ class TrainConfig:
                               f"only (4-bit layers are not sharded or replicated by {self.training.strategy}); "
                               "set training.strategy=single or model.quantize_base=none")
         self._check_objective()
+
+    def check_adapter_paths(self) -> None:
+        """training.init_from and training.reference_adapter name saved adapters: a missing one is
+        an error naming the key, before the model is loaded."""
+        for key in ("init_from", "reference_adapter"):
+            where = getattr(self.training, key)
+            if where and not (Path(where) / "adapter_config.json").is_file():
+                raise ConfigError(f"training.{key}: {where} is not a saved adapter (no adapter_config.json there); "
+                                  "give the directory of a lorakit or PEFT adapter, e.g. an earlier run's output.dir")
 
     def _check_objective(self) -> None:
         """Settings of one objective given for another, and what the non-SFT objectives do not combine with."""

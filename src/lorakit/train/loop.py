@@ -148,6 +148,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run | RunSummary:
     process draws its own dropout masks. Resuming a run that is complete (its checkpoint is at the
     last step) returns the summary instead, before anything in the run directory is touched."""
     t = cfg.training
+    cfg.check_adapter_paths()
     out = Path(cfg.output.dir)
     dist = Dist.setup(t.strategy, resolve_device(cfg.model.device))
     device = dist.device
