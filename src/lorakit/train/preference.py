@@ -93,12 +93,22 @@ class _Batched:
                 rows.append(self.reference_logps(batch).view(-1, len(indices)).T.float().cpu())   # (b, k)
         self.ref_logps = torch.cat(rows)                                                         # (n, k)
 
-    def _eval_batches(self, model: nn.Module):
-        """The held-out examples in micro-batches, on the model's device."""
-        device = _device(model)
-        for s in range(0, len(self.eval_examples), self.micro_batch_size):
-            indices = list(range(s, min(s + self.micro_batch_size, len(self.eval_examples))))
-            yield {k: v.to(device) for k, v in self.collate(self.eval_examples, indices).items()}
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """The `eval_columns` over the held-out examples, scored in micro-batches without gradients."""
+        if not self.eval_examples:
+            return {}
+        sums, device = MetricSums(), _device(model)
+        with scoring(model):
+            for s in range(0, len(self.eval_examples), self.micro_batch_size):
+                indices = list(range(s, min(s + self.micro_batch_size, len(self.eval_examples))))
+                self.score_held_out(model, {k: v.to(device) for k, v in self.collate(self.eval_examples, indices).items()},
+                                    sums)
+        means = {k: float(total / n) if n > 0 else None for k, (total, n) in sums.take().items()}
+        return {k: means.get(k) for k in self.eval_columns}
+
+    def score_held_out(self, model: nn.Module, batch: Batch, sums: MetricSums) -> None:
+        """Add one held-out micro-batch's `eval_columns` to `sums`."""
+        raise NotImplementedError
 
     def take_metrics(self) -> Metrics:
         return self.sums.take()
@@ -168,18 +178,11 @@ class Paired(_Batched):
         sums.add(f"{prefix}rewards_margin", t.chosen_rewards - t.rejected_rewards)
         sums.add(f"{prefix}rewards_accuracy", (t.chosen_rewards > t.rejected_rewards).float())
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Preference accuracy, mean reward margin and the loss on the held-out pairs."""
-        if not self.eval_examples:
-            return {}
-        sums = MetricSums()
-        with scoring(model):
-            for batch in self._eval_batches(model):
-                terms, _ = self.terms(model, batch)
-                self._record(terms, "eval_", sums)
-                sums.add(f"eval_{self.kind}_loss", terms.losses)
-        means = {k: float(total / n) for k, (total, n) in sums.take().items()}
-        return {k: means[k] for k in self.eval_columns}
+    def score_held_out(self, model: nn.Module, batch: Batch, sums: MetricSums) -> None:
+        """Preference accuracy, reward margin and the loss of held-out pairs."""
+        terms, _ = self.terms(model, batch)
+        self._record(terms, "eval_", sums)
+        sums.add(f"eval_{self.kind}_loss", terms.losses)
 
 
 class KTO(_Batched):
@@ -237,16 +240,11 @@ class KTO(_Batched):
         sums.add(f"{prefix}rewards_rejected", rewards[~label])
         sums.add(f"{prefix}kl", kl[None])
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        if not self.eval_examples:
-            return {}
-        sums = MetricSums()
-        with scoring(model):
-            for batch in self._eval_batches(model):
-                losses, rewards, kl = self.terms(model, batch, None)
-                self._record(rewards, batch["label"], kl, sums, "eval_")
-                sums.add("eval_kto_loss", losses)
-        return {k: float(total / n) if n > 0 else None for k, (total, n) in sums.take().items()}
+    def score_held_out(self, model: nn.Module, batch: Batch, sums: MetricSums) -> None:
+        """The loss, rewards and KL estimate of held-out completions (the estimate over this batch)."""
+        losses, rewards, kl = self.terms(model, batch, None)
+        self._record(rewards, batch["label"], kl, sums, "eval_")
+        sums.add("eval_kto_loss", losses)
 
 
 def _rows(batch: Batch, rows: slice) -> Batch:
