@@ -255,6 +255,8 @@ def test_objective_specific_settings_are_checked():
         load_config(None, ["grpo.group_size=8"])
     with pytest.raises(ConfigError, match="grpo.group_size must be >= 2"):
         load_config(None, ["training.objective=grpo", "grpo.group_size=1"])
+    with pytest.raises(ConfigError, match="training.objective=grpo samples with generate"):
+        load_config(None, ["training.objective=grpo", "training.strategy=fsdp"])
 
 
 def test_a_missing_init_or_reference_adapter_names_its_key(model_dir, objective_data, tmp_path):
@@ -302,3 +304,25 @@ def test_grpo_steps_raise_the_completions_with_positive_advantage(model_dir, los
         optimizer.step()
     after = sequence_logprobs(model, batch, True)[0].detach()
     assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.05, (before, after)
+
+
+def test_the_base_models_dropout_is_off_so_gpt2_starts_at_log_2(objective_data, tmp_path):
+    """GPT-2 has dropout 0.1 in its blocks: on in the policy's forward, off in the reference's
+    (eval mode), it would make the first step differ from log 2."""
+    path = tmp_path / "gpt2"
+    model = tiny_model_dir(path, build_tokenizer(), arch="gpt2", positions=256)
+    assert model.config.resid_pdrop > 0
+    out = tmp_path / "run"
+    run(*overrides(path, objective_data, out, "dpo", "training.max_steps=1"))
+    assert float(rows(out)[1]["loss"]) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_kto_pairs_each_prompt_with_another_prompts_completion():
+    """A paired record gives two examples with one prompt in a row: the KL row of each takes the
+    completion of the next example with another prompt."""
+    from lorakit.train.preference import _kl_partners
+    from lorakit.train.preference_data import UnpairedExample
+    prompts = [[1], [1], [2], [2], [3], [3]]
+    examples = [UnpairedExample(p, [9], i % 2 == 0, "f:1", "x") for i, p in enumerate(prompts)]
+    assert _kl_partners(examples) == [2, 2, 4, 4, 0, 0]
+    assert _kl_partners(examples[:2]) == [0, 1]                         # one prompt only: itself

@@ -414,6 +414,10 @@ class TrainConfig:
         if self.mixture.experts:
             raise ConfigError(f"training.objective={objective} trains a LoRA adapter; mixture.experts trains with "
                               "training.objective=sft only")
+        if objective == "grpo" and self.training.strategy == "fsdp":
+            raise ConfigError("training.objective=grpo samples with generate, whose decoding steps differ between "
+                              "processes, and FSDP2 gathers weights in every step of all of them; use "
+                              "training.strategy=ddp (or single)")
         if self.data.packing:
             raise ConfigError(f"data.packing is for training.objective=sft; {objective} compares whole completions "
                               "one per row. Set data.packing=false")

@@ -59,8 +59,9 @@ def evaluate(model: nn.Module, tokenizer, examples: list[Example], batch_size: i
 
 
 def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], device: torch.device,
-                    max_new_tokens: int) -> list[str]:
-    """Greedy continuations of token-id prompts, batched with left padding; special tokens dropped."""
+                    max_new_tokens: int, eos_token_id: int | list[int] | None = None) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding; special tokens dropped.
+    They end at `eos_token_id` (default: the tokenizer's EOS)."""
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -69,5 +70,6 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], devic
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                         do_sample=False, pad_token_id=pad,
+                         eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from . import preference_loss as pl
 from .config import GrpoSection
@@ -133,11 +133,13 @@ class GRPO:
         device = next(self.model.parameters()).device
         s = self.section
         with self.autocast(), scoring(self.model):
+            # a generation config of its own: the model's (repetition penalty, ...) would change the
+            # distribution sampled from, which the loss takes to be softmax(logits / temperature)
+            config = GenerationConfig(max_new_tokens=s.max_completion_len, do_sample=False,
+                                      pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
             out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=s.max_completion_len,
-                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=self.pad_id,
-                eos_token_id=self.eos_ids, logits_processor=LogitsProcessorList(
-                    [GumbelSampler(generators, s.temperature, s.top_p)]))
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                logits_processor=LogitsProcessorList([GumbelSampler(generators, s.temperature, s.top_p)]))
         completions = []
         for row in out[:, width:].tolist():
             end = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
@@ -179,8 +181,9 @@ class GRPO:
         total = 0.0
         for s in range(0, len(self.eval_examples), self.micro_batch_size):
             chunk = self.eval_examples[s:s + self.micro_batch_size]
-            texts = generate_greedy(model, self.tokenizer, [e.prompt_ids for e in chunk], device,
-                                    self.section.max_completion_len)
+            with scoring(model):
+                texts = generate_greedy(model, self.tokenizer, [e.prompt_ids for e in chunk], device,
+                                        self.section.max_completion_len, self.eos_ids)
             fields = {k: [e.extras.get(k) for e in chunk] for k in dict.fromkeys(k for e in chunk for k in e.extras)}
             rewards, _ = self.rewards([e.prompt for e in chunk], texts, fields, [e.source for e in chunk])
             total += float(rewards.sum())

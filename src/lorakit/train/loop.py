@@ -176,6 +176,9 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run | RunSummary:
     if cfg.training.reference_adapter:
         io.load_adapter(model, cfg.training.reference_adapter, REFERENCE_ADAPTER, trainable=False, activate=False)
         log(f"reference: the adapter {cfg.training.reference_adapter} (frozen)")
+    if t.objective != "sft" and _disable_base_dropout(model):
+        log("dropout of the base model off: the policy is scored against a reference without it (as TRL's "
+            "disable_dropout); lora.lora_dropout still applies to the adapter")
     if dist.world > 1:   # the same initial adapter on every process; from here, each its own dropout masks
         torch.manual_seed(t.seed + dist.rank)
     model.train()
@@ -377,6 +380,16 @@ def _lock_run_dir(out: Path, dist: Dist, cleanup: ExitStack, log: Callable[[str]
         raise error
     if failed:
         raise LoraError(f"the main process could not take output.dir {out}; its error says why")
+
+
+def _disable_base_dropout(model: nn.Module) -> bool:
+    """Set every `nn.Dropout` of the model to p = 0 (the adapters' dropout is not one); whether any
+    had p > 0."""
+    changed = False
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p, changed = 0.0, True
+    return changed
 
 
 def _prepare_model(model: nn.Module, t: TrainingSection, device: torch.device, cleanup: ExitStack,

@@ -22,9 +22,10 @@ The loss math (and its parity with TRL) is lorakit.train.preference_loss; here a
 the forwards, the normalisation over the step and the logged rewards (TRL's rewards/chosen,
 rewards/rejected, margins and accuracies).
 
-KTO's KL estimate pairs each prompt with the next example's completion, in dataset order
-(example i with completion (i + 1) mod n), and averages over the global micro-batch: so it can be
-precomputed for the reference, and N processes estimate what one process with their rows would.
+KTO's KL estimate pairs each prompt with the completion of the next example in dataset order that
+has another prompt (a paired record gives two examples with one prompt), and averages over the
+global micro-batch: so it can be precomputed for the reference, and N processes estimate what one
+process with their rows would.
 """
 
 from __future__ import annotations
@@ -196,11 +197,13 @@ class KTO(_Batched):
     def __init__(self, section: PreferenceSection, dist: Dist, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.section, self.beta, self.dist = section, section.beta_for("kto"), dist
+        self.partners = {id(self.examples): _kl_partners(self.examples),
+                         id(self.eval_examples): _kl_partners(self.eval_examples)}
 
     def collate(self, examples: list[UnpairedExample], indices: list[int]) -> Batch:
-        """Rows: the completions, then the KL rows (prompt i, completion of i + 1 in dataset order)."""
+        """2N rows: the completions, then the KL rows (prompt i, the completion of its partner)."""
         chosen = [examples[i] for i in indices]
-        partners = [examples[(i + 1) % len(examples)] for i in indices]
+        partners = [examples[self.partners[id(examples)][i]] for i in indices]
         prompts = [e.prompt_ids for e in chosen]
         batch = collate_completions(prompts + prompts, [e.completion_ids for e in chosen]
                                     + [e.completion_ids for e in partners], self.pad_id)
@@ -245,6 +248,14 @@ class KTO(_Batched):
         losses, rewards, kl = self.terms(model, batch, None)
         self._record(rewards, batch["label"], kl, sums, "eval_")
         sums.add("eval_kto_loss", losses)
+
+
+def _kl_partners(examples: list[UnpairedExample]) -> list[int]:
+    """For each example, the next one in dataset order (cyclically) with another prompt; itself
+    when every example has the same prompt."""
+    n = len(examples)
+    return [next((j % n for j in range(i + 1, i + n) if examples[j % n].prompt_ids != e.prompt_ids), i)
+            for i, e in enumerate(examples)]
 
 
 def _rows(batch: Batch, rows: slice) -> Batch:

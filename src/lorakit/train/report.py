@@ -40,9 +40,15 @@ def eval_row(r: EvalResult) -> dict:
 
 
 def eval_line(when: str, r: EvalResult) -> str:
-    extra = "".join(f", {k.removeprefix('eval_').replace('_', ' ')} {v:.4f}" for k, v in r.extra.items())
+    extra = _extra(r)
     return (f"{when}: eval loss {r.loss:.4f} (perplexity {r.ppl:.2f}){_exact_match(r)}{extra} on {r.n_examples} "
             "examples")
+
+
+def _extra(r: EvalResult) -> str:
+    """The objective's held-out metrics, n/a for one with nothing to average (e.g. no undesirable example)."""
+    return "".join(f", {k.removeprefix('eval_').replace('_', ' ')} {'n/a' if v is None else f'{v:.4f}'}"
+                   for k, v in r.extra.items())
 
 
 def _exact_match(r: EvalResult) -> str:
@@ -53,7 +59,7 @@ def model_card(cfg: TrainConfig, trainee: Trainee, s: RunSummary) -> str:
     def ev(r: EvalResult | None) -> str:
         if r is None:
             return "n/a"
-        extra = "".join(f", {k.removeprefix('eval_').replace('_', ' ')} {v:.4f}" for k, v in r.extra.items())
+        extra = _extra(r)
         return f"loss {r.loss:.4f}, perplexity {r.ppl:.2f}{_exact_match(r)}{extra}"
 
     return f"""# {trainee.title} for {cfg.model.name_or_path}
