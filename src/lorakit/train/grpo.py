@@ -39,7 +39,7 @@ from .data import IGNORE_INDEX, RowStream
 from .distributed import Dist
 from .evaluate import generate_greedy
 from .logprobs import collate_completions, token_logprobs
-from .objective import Batch, Metrics, MetricSums
+from .objective import Batch, Metrics, MetricSums, my_slice
 from .preference_data import PromptExample
 from .reference import as_reference, scoring
 from .rewards import load_reward_functions
@@ -96,8 +96,8 @@ class GRPO:
             first = stream.epoch * stream.n + stream.position              # the stream's draw counter
             ids = stream.take(self.micro_batch_size * dist.world)
             width = max(len(self.examples[i].prompt_ids) for i in ids)    # of the global micro-batch
-            lo = dist.rank * self.micro_batch_size
-            mine = ids[lo:lo + self.micro_batch_size]
+            lo = dist.rank * self.micro_batch_size                        # where this process's slice starts
+            mine = my_slice(ids, self.micro_batch_size, dist)
             out.append(self._rollout(mine, range(first + lo, first + lo + len(mine)), width))
         return out
 
@@ -148,10 +148,7 @@ class GRPO:
 
     def count(self, batch: Batch) -> Tensor:
         mask = batch["labels"][:, 1:] != IGNORE_INDEX                           # (N, T-1)
-        if self.section.loss_type == "dapo":
-            return mask.sum().float()
-        n = torch.tensor(float(mask.shape[0]))
-        return n if self.section.loss_type == "grpo" else n * self.section.max_completion_len
+        return pl.grpo_count(mask, self.section.loss_type, self.section.max_completion_len).float()
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         s = self.section

@@ -241,11 +241,21 @@ def grpo_sum_and_count(per_token_loss: Tensor, mask: Tensor, loss_type: GrpoLoss
     grpo and dr_grpo average the micro-batches' means: the same when they hold equal numbers of
     completions, as TRL's always do."""
     masked = per_token_loss * mask                                    # (N, T)
-    completions = torch.tensor(mask.size(0), device=mask.device)
-    if loss_type == "dapo":
-        return masked.sum(), mask.sum()
+    count = grpo_count(mask, loss_type, max_completion_len)
     if loss_type == "grpo":
-        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum(), completions
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum(), count
+    return masked.sum(), count
+
+
+def grpo_count(mask: Tensor, loss_type: GrpoLoss, max_completion_len: int) -> Tensor:
+    """What one micro-batch adds to the step's GRPO normaliser, from its completion mask (N, T)
+    alone, so the loop has it before the forward: completion tokens (dapo), completions (grpo),
+    completions x max_completion_len (dr_grpo)."""
+    if loss_type == "dapo":
+        return mask.sum()
+    completions = torch.tensor(mask.size(0), device=mask.device)
+    if loss_type == "grpo":
+        return completions
     if loss_type == "dr_grpo":
-        return masked.sum(), completions * max_completion_len
+        return completions * max_completion_len
     raise ValueError(f"loss_type must be one of dapo, grpo, dr_grpo; got {loss_type!r}")
