@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed
+from reward_functions import BREVITY
 from safetensors.torch import load_file
 
 from lorakit.errors import LoraError
@@ -210,10 +211,12 @@ def test_two_processes_train_the_preference_adapter_of_one(objective, model_dir,
     common = [f"model.name_or_path={model_dir}", f"data.train={path}", "data.max_seq_len=64", "training.lr=1e-2",
               "training.max_steps=3", "lora.r=4", "lora.lora_alpha=8", "lora.lora_dropout=0",
               "output.tensorboard=false", f"training.objective={objective}",
-              *(["grpo.max_completion_len=6", "grpo.group_size=2"] if objective == "grpo" else [])]
+              *(["grpo.max_completion_len=6", "grpo.group_size=2", f"grpo.rewards=[{BREVITY}]"] if objective == "grpo"
+          else [])]
     train(load_config(None, common + ["training.micro_batch_size=4", f"output.dir={tmp_path / 'one'}"]))
     torchrun(common + ["training.micro_batch_size=2", "training.strategy=ddp", f"output.dir={tmp_path / 'two'}"])
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert any(a[k].abs().max() > 1e-4 for k in a if "lora_B" in k)   # trained: B left 0
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     assert list(losses(tmp_path / "two").values()) == pytest.approx(list(losses(tmp_path / "one").values()), abs=1e-5)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reward_functions import BREVITY
 from safetensors.torch import load_file
 
 import lorakit as lk
@@ -263,7 +264,8 @@ def test_a_sigkilled_preference_run_resumes_to_the_uninterrupted_adapter(objecti
     common = without(base_overrides, "output.dir", "training.max_steps", "data.") + [
         f"data.train={data}", "data.max_seq_len=64", "training.max_steps=12", "training.save_every=1",
         "lora.lora_dropout=0.1", f"training.objective={objective}",
-        *(["grpo.max_completion_len=6", "grpo.group_size=2"] if objective == "grpo" else [])]
+        *(["grpo.max_completion_len=6", "grpo.group_size=2", f"grpo.rewards=[{BREVITY}]"] if objective == "grpo"
+          else [])]
     full, killed, log = tmp_path / "full", tmp_path / "killed", tmp_path / "killed.log"
     assert launch(common + [f"output.dir={full}"], tmp_path / "full.log").wait(timeout=300) == 0, \
         (tmp_path / "full.log").read_text()[-3000:]
@@ -275,6 +277,8 @@ def test_a_sigkilled_preference_run_resumes_to_the_uninterrupted_adapter(objecti
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert "resumed from" in log.read_text()
     assert_same_adapter(full, killed)
+    trained = load_file(full / "adapter_model.safetensors")
+    assert any(trained[k].abs().max() > 1e-4 for k in trained if "lora_B" in k)   # B left 0
     losses = [(r["step"], r["loss"]) for r in MetricsLog.read(killed / "metrics.csv") if r["loss"]]
     assert losses == [(r["step"], r["loss"]) for r in MetricsLog.read(full / "metrics.csv") if r["loss"]]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from adapter_support import randomise
+from reward_functions import BREVITY
 from safetensors.torch import load_file
 from tiny_models import tiny_model_dir
 from transformers import AutoModelForCausalLM
@@ -60,7 +61,9 @@ def overrides(model_dir, objective_data, out, objective, *more):
             "data.eval_fraction=0.25", "data.max_seq_len=64", "training.micro_batch_size=4", "training.lr=1e-2",
             "training.max_steps=3", "training.schedule=constant", "lora.r=4", "lora.lora_alpha=8",
             "lora.lora_dropout=0.0", "output.tensorboard=false", f"output.dir={out}",
-            f"training.objective={objective}", *(["grpo.max_completion_len=6"] if objective == "grpo" else []), *more]
+            f"training.objective={objective}",
+            *(["grpo.max_completion_len=6", f"grpo.rewards=[exact_answer,{BREVITY}]"] if objective == "grpo" else []),
+            *more]
 
 
 def run(*args):
@@ -78,6 +81,7 @@ def adapter(out):
 
 def assert_same_adapter(a, b, atol=0.0):
     a, b = adapter(a), adapter(b)
+    assert any(a[k].abs().max() > 1e-4 for k in a if "lora_B" in k), "B is still 0: the runs trained nothing"
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
@@ -149,8 +153,11 @@ def test_each_objective_trains_and_logs_its_metrics(model_dir, objective_data, t
     card = (out / "README.md").read_text()
     assert f"| objective | {objective} (" in card
     assert lk.read_adapter_config(out).r == 4
-    if objective == "grpo":
+    if objective == "grpo":   # trained_tokens: the completions' tokens, 4 prompts x 4 of them
         assert all(0 < float(r["completion_len"]) <= 6 for r in steps)
+        assert all(int(r["trained_tokens"]) == round(16 * float(r["completion_len"])) for r in steps)
+    else:                     # the completions' tokens, not the pairs or examples the loss counts
+        assert all(int(r["trained_tokens"]) >= 4 * (2 if objective != "kto" else 1) + 1 for r in steps)
 
 
 @pytest.mark.parametrize("objective", ["dpo", "ipo", "kto"])
@@ -164,7 +171,13 @@ def test_the_first_step_starts_at_the_reference(model_dir, objective_data, tmp_p
     assert float(first["rewards_chosen"]) == 0 and float(first["rewards_rejected"]) == 0
 
 
-def test_dpo_from_an_sft_run_with_it_as_reference(model_dir, objective_data, data_files, tmp_path):
+def from_run(model_dir, objective_data, out, objective, init_from, *more):
+    """`overrides` continuing the adapter in `init_from`: its config, so no lora settings."""
+    return [o for o in overrides(model_dir, objective_data, out, objective, f"training.init_from={init_from}", *more)
+            if not o.startswith("lora.")]
+
+
+def test_dpo_from_an_sft_run_with_it_as_reference(model_dir, objective_data, data_files, tmp_path, capsys):
     """SFT, then DPO with training.init_from and training.reference_adapter the SFT run: the
     first step's policy is the SFT adapter and so is the reference (loss log 2); with the base as
     reference it is not."""
@@ -174,17 +187,34 @@ def test_dpo_from_an_sft_run_with_it_as_reference(model_dir, objective_data, dat
         "data.max_seq_len=64", "training.max_steps=4", "training.lr=1e-2", "lora.r=4", "lora.lora_alpha=8",
         "output.tensorboard=false", f"output.dir={sft}")
     with_sft = tmp_path / "dpo"
-    run(*overrides(model_dir, objective_data, with_sft, "dpo", "training.max_steps=2", f"training.init_from={sft}",
-                   f"training.reference_adapter={sft}"))
+    run(*from_run(model_dir, objective_data, with_sft, "dpo", sft, "training.max_steps=2",
+                  f"training.reference_adapter={sft}"))
+    assert "warning" not in capsys.readouterr().out
     first = rows(with_sft)[1]
     assert float(first["loss"]) == pytest.approx(math.log(2), abs=1e-6)
     with_base = tmp_path / "dpo-base"
-    run(*overrides(model_dir, objective_data, with_base, "dpo", "training.max_steps=1", f"training.init_from={sft}"))
+    run(*from_run(model_dir, objective_data, with_base, "dpo", sft, "training.max_steps=1"))
     assert abs(float(rows(with_base)[1]["rewards_margin"])) > 1e-4
     assert "started from" in (with_sft / "README.md").read_text()
     assert f"reference: the adapter {sft}" in (with_sft / "README.md").read_text()
-    # the trained adapter has the SFT run's config (its r, its targets), not the lora section's
+    # the trained adapter has the SFT run's config (its r, its targets)
     assert lk.read_adapter_config(with_sft).target_modules == lk.read_adapter_config(sft).target_modules
+
+
+def test_init_from_refuses_lora_settings_and_warns_of_another_base(model_dir, objective_data, tmp_path, capsys):
+    from lorakit.errors import ConfigError
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.objective=dpo", "training.init_from=runs/sft", "lora.r=8", "lora.lora_alpha=16"])
+    assert str(err.value).endswith("training.init_from continues the adapter in runs/sft with its own configuration, "
+                                   "so the lora section's lora.r, lora.lora_alpha would be ignored; drop them, or drop "
+                                   "training.init_from to train a new adapter")
+    sft = tmp_path / "sft"
+    run(*overrides(model_dir, objective_data, sft, "dpo", "training.max_steps=1"))
+    saved = json.loads((sft / "adapter_config.json").read_text())
+    (sft / "adapter_config.json").write_text(json.dumps({**saved, "base_model_name_or_path": "org/other-model"}))
+    run(*from_run(model_dir, objective_data, tmp_path / "dpo", "dpo", sft, "training.max_steps=1"))
+    assert (f"warning: training.init_from: {sft} was trained on org/other-model, and this run's base is {model_dir}; "
+            "if that is another model, the adapter does not fit it") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo", "grpo"])
@@ -263,7 +293,50 @@ def test_a_missing_init_or_reference_adapter_names_its_key(model_dir, objective_
     from lorakit.errors import ConfigError
     for key in ("init_from", "reference_adapter"):
         with pytest.raises(ConfigError, match=f"training.{key}: {tmp_path / 'none'} is not a saved adapter"):
-            run(*overrides(model_dir, objective_data, tmp_path / "run", "dpo", f"training.{key}={tmp_path / 'none'}"))
+            run(*(from_run(model_dir, objective_data, tmp_path / "run", "dpo", tmp_path / "none") if key == "init_from"
+                  else overrides(model_dir, objective_data, tmp_path / "run", "dpo", f"training.{key}={tmp_path / 'none'}")))
+
+
+def write_prompts_and_reward(tmp_path, records):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "reward.py").write_text("def brevity(completions, colour):\n"
+                                       "    return [1.0 / (1 + len(c)) for c in completions]\n")
+    return data, f"grpo.rewards=[{tmp_path / 'reward.py'}:brevity]"
+
+
+def test_grpo_without_answers_is_evaluated_by_its_reward(model_dir, objective_data, tmp_path, capsys):
+    """Prompts without an answer have no reference completion, so no eval loss or exact match: the
+    held-out evaluation is the mean reward alone, before and after training."""
+    data, reward = write_prompts_and_reward(tmp_path, [{"prompt": f"name a colour like {w}", "colour": w}
+                                                       for w in WORDS])
+    out = tmp_path / "run"
+    summary = run(*overrides(model_dir, objective_data, out, "grpo", f"data.train={data}", reward))
+    evals = [r for r in rows(out) if r["eval_reward"]]
+    assert [int(r["step"]) for r in evals] == [0, 3]
+    assert all(r["eval_loss"] == "" and r["eval_exact_match"] == "" and 0 < float(r["eval_reward"]) <= 1
+               for r in evals)
+    assert summary.eval_after.loss is None and summary.eval_after.n_examples == 4
+    assert f"eval loss n/a, reward {float(evals[0]['eval_reward']):.4f} on 4 examples" in capsys.readouterr().out
+
+
+def test_a_record_without_a_field_its_reward_needs_fails_before_the_model_loads(model_dir, objective_data, tmp_path,
+                                                                                  monkeypatch):
+    """Checked over every record up front (with DDP it would otherwise stop one process mid-run)."""
+    from lorakit.errors import DataError
+    from lorakit.train import loop
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data and rewards were checked")
+
+    monkeypatch.setattr(loop, "load_model", load_model)
+    data, reward = write_prompts_and_reward(tmp_path, [{"prompt": "name a colour", "colour": "red"},
+                                                       {"prompt": "name another", "shade": "dark"}])
+    with pytest.raises(DataError) as err:
+        run(*overrides(model_dir, objective_data, tmp_path / "run", "grpo", f"data.train={data}",
+                       "data.eval_fraction=0", reward))
+    assert str(err.value) == (f"{data}:2: reward function brevity needs the `colour` field, which this record "
+                              "lacks; add it to every record, or give the parameter a default")
 
 
 def test_lorakit_eval_reads_a_preference_runs_data(model_dir, objective_data, tmp_path):
@@ -287,13 +360,14 @@ def test_grpo_steps_raise_the_completions_with_positive_advantage(model_dir, los
     from lorakit.builtin import build_tokenizer as tokenizer_of
     from lorakit.train.config import GrpoSection
     from lorakit.train.distributed import Dist
-    from lorakit.train.grpo import GRPO
+    from lorakit.train.grpo import GRPO, grpo_rewards
     from lorakit.train.preference_data import PromptExample
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     example = PromptExample([5, 80, 90], "p", {"answer": "x"}, "file:1")
-    grpo = GRPO(GrpoSection(loss_type=loss_type), tokenizer_of(), Dist.setup("single", torch.device("cpu")), 0,
-                [example], [], 0, 1, 1, True, model, None, contextlib.nullcontext)
+    section = GrpoSection(loss_type=loss_type)
+    grpo = GRPO(section, grpo_rewards(section, [example], []), tokenizer_of(), Dist.setup("single", torch.device("cpu")),
+                0, [example], [], 0, 1, 1, True, model, None, contextlib.nullcontext)
     batch = collate_completions([[5, 80, 90]] * 2, [[100, 110, 6], [120, 130, 6]], 0)
     batch["advantages"] = torch.tensor([1.0, -1.0])
     before = sequence_logprobs(model, batch, True)[0].detach()
@@ -326,3 +400,23 @@ def test_kto_pairs_each_prompt_with_another_prompts_completion():
     examples = [UnpairedExample(p, [9], i % 2 == 0, "f:1", "x") for i, p in enumerate(prompts)]
     assert _kl_partners(examples) == [2, 2, 4, 4, 0, 0]
     assert _kl_partners(examples[:2]) == [0, 1]                         # one prompt only: itself
+
+
+def test_the_gumbel_sampler_draws_from_the_tempered_top_p_softmax():
+    """The argmax of its output is a sample of softmax(z / T) restricted to the top-p tokens, and
+    each row's draws are a function of its own stream alone."""
+    from lorakit.train.grpo import GumbelSampler
+    z = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+    temperature, top_p = 0.8, 0.9
+    p = torch.softmax(z[0] / temperature, dim=0)
+    kept = (p.sort(descending=True).values.cumsum(0) - p.sort(descending=True).values) <= top_p   # first 3 tokens
+    expected = torch.where(kept[p.argsort(descending=True).argsort()], p, 0.0)
+    expected /= expected.sum()
+    sampler = GumbelSampler([torch.Generator().manual_seed(i) for i in range(200)], temperature, top_p)
+    draws = torch.cat([sampler(None, z.expand(200, -1)).argmax(1) for _ in range(100)])            # 20000
+    frequencies = torch.bincount(draws, minlength=5).float() / draws.numel()
+    torch.testing.assert_close(frequencies, expected, atol=0.012, rtol=0)                          # ~3.5 sigma
+    assert frequencies[3:].sum() == 0 and expected[3:].sum() == 0
+    again = GumbelSampler([torch.Generator().manual_seed(i) for i in (7, 3)], temperature, top_p)
+    alone = GumbelSampler([torch.Generator().manual_seed(3)], temperature, top_p)
+    assert torch.equal(again(None, z.expand(2, -1))[1], alone(None, z)[0])

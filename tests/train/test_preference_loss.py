@@ -293,7 +293,7 @@ def test_kto_matches_trl(kl_shift):
     trl_loss = kto._compute_loss(model, inputs, return_outputs=False)
     metrics = kto._metrics["train"]
 
-    kl = kto_kl_estimate(kl_token_logps.sum(1), ref_kl)
+    kl = kto_kl_estimate((kl_token_logps.sum(1) - ref_kl).sum(), torch.tensor(float(len(ref_kl))))
     assert (kl == 0) == (kl_shift > 0)
     losses, rewards = kto_loss((token_logps * shift).sum(1), ref, labels, kl, beta, w_d, w_u)
     loss = losses.mean()                                              # TRL: mean over completions
@@ -311,7 +311,8 @@ def test_kto_closed_form():
     losses, rewards = kto_loss(logps, logps, torch.tensor([True, False]), torch.tensor(0.0), 0.1, 2.0, 3.0)
     close(losses, [1.0, 1.5])
     close(rewards, [0.0, 0.0])
-    close(kto_kl_estimate(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])), 0.0)   # mean -1, clamped
+    close(kto_kl_estimate(torch.tensor(1.0 - 3.0), torch.tensor(2.0)), 0.0)   # mean -1, clamped
+    close(kto_kl_estimate(torch.tensor(3.0), torch.tensor(2.0)), 1.5)
 
 
 # --- GRPO advantages: GRPOTrainer._generate_and_score_completions ------------------------------------

@@ -86,7 +86,7 @@ def test_format_with_more_words_still_wants_one_line():
 
 
 def test_builtins_through_rewards_get_end_of_turn():
-    rewards = load_reward_functions(["exact_answer", "format"], None, True, end_of_turn=EOT)
+    rewards = load_reward_functions(["exact_answer", "format"], None, ("answer",), end_of_turn=EOT)
     assert rewards.columns == ("reward/exact_answer", "reward/format")
     total, per_function = score(rewards, ["odd<|im_end|>", "Even", "it is odd"], answer=["odd", "odd", "odd"])
     assert total.tolist() == [2.0, 1.0, 0.0]
@@ -94,13 +94,13 @@ def test_builtins_through_rewards_get_end_of_turn():
 
 
 def test_default_is_exact_answer():
-    rewards = load_reward_functions([], None, True)
+    rewards = load_reward_functions([], None, ("answer",))
     assert [(t.name, t.weight) for t in rewards.terms] == [("exact_answer", 1.0)]
     assert score(rewards, ["odd", "even"], answer=["odd", "odd"])[0].tolist() == [1.0, 0.0]
 
 
 def test_exact_answer_needs_string_answers():
-    rewards = load_reward_functions(["exact_answer"], None, True)
+    rewards = load_reward_functions(["exact_answer"], None, ("answer",))
     with pytest.raises(DataError) as err:
         score(rewards, ["3", "3"], answer=["3", 3])
     assert str(err.value) == ("data.jsonl:2: reward exact_answer needs the record's `answer` as a string, got 3 "
@@ -124,7 +124,7 @@ def test_function_from_a_file_relative_to_the_working_directory(tmp_path, monkey
             return [float(len(c) > 3) for c in completions]
     """)
     monkeypatch.chdir(tmp_path)
-    rewards = load_reward_functions(["scripts/my_rewards.py:short", "scripts/my_rewards.py:long"], None, True)
+    rewards = load_reward_functions(["scripts/my_rewards.py:short", "scripts/my_rewards.py:long"], None, ("answer",))
     assert [t.name for t in rewards.terms] == ["short", "long"]
     total, per_function = score(rewards, ["odd", "oddly"], answer=["odd", "odd"])
     assert total.tolist() == [1.0, 1.0]
@@ -136,7 +136,7 @@ def test_function_from_an_absolute_path(tmp_path):
         def one(completions):
             return [1.0] * len(completions)
     """)
-    rewards = load_reward_functions([f"{path}:one"], None, False)
+    rewards = load_reward_functions([f"{path}:one"], None, ())
     assert score(rewards, ["a", "b"])[0].tolist() == [1.0, 1.0]
 
 
@@ -147,7 +147,7 @@ def test_function_from_a_module_on_sys_path(tmp_path, monkeypatch):
             return [float(a in c) for c, a in zip(completions, answer)]
     """)
     monkeypatch.syspath_prepend(str(tmp_path))
-    rewards = load_reward_functions(["lorakit_test_reward_pkg.scoring:mentions_answer"], [0.5], True)
+    rewards = load_reward_functions(["lorakit_test_reward_pkg.scoring:mentions_answer"], [0.5], ("answer",))
     total, per_function = score(rewards, ["it is odd", "even"], answer=["odd", "odd"])
     assert total.tolist() == [0.5, 0.0]
     assert per_function == {"reward/mentions_answer": [1.0, 0.0]}   # unweighted
@@ -210,7 +210,7 @@ def test_weights_sum_and_per_function_rewards_stay_unweighted():
 
 
 def test_weights_from_the_config():
-    rewards = load_reward_functions(["exact_answer", "format"], [1.0, 0.25], True)
+    rewards = load_reward_functions(["exact_answer", "format"], [1.0, 0.25], ("answer",))
     assert [t.weight for t in rewards.terms] == [1.0, 0.25]
     assert score(rewards, ["odd", "an odd"], answer=["odd", "odd"])[0].tolist() == [1.25, 0.0]
 
@@ -236,7 +236,7 @@ def test_deterministic(tmp_path):
     """)
     completions = ["odd", "even<|im_end|>", "ODD ", "The answer is odd"] * 2
     answers = ["odd"] * 8
-    runs = [score(load_reward_functions(["exact_answer", "format", f"{path}:length"], [1.0, 0.3, 0.7], True,
+    runs = [score(load_reward_functions(["exact_answer", "format", f"{path}:length"], [1.0, 0.3, 0.7], ("answer",),
                                         end_of_turn=EOT), completions, answer=answers) for _ in range(2)]
     (t1, l1), (t2, l2) = runs
     assert torch.equal(t1, t2) and l1 == l2
@@ -246,7 +246,7 @@ def test_deterministic(tmp_path):
 
 def test_default_needs_answer():
     with pytest.raises(ConfigError) as err:
-        load_reward_functions([], None, False)
+        load_reward_functions([], None, ())
     assert str(err.value) == ("grpo.rewards is empty, so the reward is exact_answer, which needs an `answer` field "
                               "in every record; add one, or set grpo.rewards to your own reward functions")
 
@@ -258,14 +258,46 @@ def test_listed_function_that_needs_answer(tmp_path):
     """)
     for spec in ["exact_answer", f"{path}:f"]:
         with pytest.raises(ConfigError) as err:
-            load_reward_functions(["format", spec], None, False)
-        assert str(err.value) == (f"grpo.rewards: {spec!r} needs an `answer` field in every record, and the "
-                                  f"records have none; add one, or remove it from grpo.rewards")
+            load_reward_functions(["format", spec], None, ())
+        assert str(err.value) == (f"grpo.rewards: {spec!r} needs the `answer` field in every record, and the "
+                                  f"records have none (their fields: none); add it, or remove the function from "
+                                  f"grpo.rewards")
+
+
+def test_a_function_needing_fields_the_records_lack(tmp_path):
+    path = write(tmp_path / "r.py", """
+        def f(completions, answer, unit, scale=1.0):
+            return [0.0] * len(completions)
+    """)
+    with pytest.raises(ConfigError) as err:
+        load_reward_functions([f"{path}:f"], None, ("answer", "source_id"))
+    assert str(err.value) == (f"grpo.rewards: '{path}:f' needs the `unit` field in every record, and the records have "
+                              f"none (their fields: answer, source_id); add it, or remove the function from "
+                              f"grpo.rewards")
+
+
+def test_every_record_is_checked_for_the_fields_a_function_needs():
+    """Before the first step: a record without the field would stop the run only when its batch
+    comes, on the one process that drew it."""
+    rewards = load_reward_functions(["exact_answer", "format"], None, ("answer",))
+    rewards.check_records([({"answer": "odd"}, "t.jsonl:1"), ({"answer": "3"}, "t.jsonl:2")])   # passes
+    with pytest.raises(DataError) as err:
+        rewards.check_records([({"answer": "odd"}, "t.jsonl:1"), ({"level": 2}, "t.jsonl:2"),
+                               ({"answer": None}, "t.jsonl:3")])
+    assert str(err.value) == ("t.jsonl:2: reward function exact_answer needs the `answer` field, which this record "
+                              "lacks; add it to every record, or give the parameter a default")
+
+
+def test_the_end_of_turn_texts_reach_the_built_ins_afterwards():
+    """Resolved before the model loads, told the model's end-of-turn texts once it has."""
+    rewards = load_reward_functions(["exact_answer", "format"], None, ("answer",)).ending_turns_with(["<|end|>", ""])
+    assert [t.fn.end_of_turn for t in rewards.terms] == [("<|end|>",), ("<|end|>",)]
+    assert score(rewards, ["odd<|end|>"], answer=["odd"])[0].tolist() == [2.0]
 
 
 def test_unknown_name():
     with pytest.raises(ConfigError) as err:
-        load_reward_functions(["exact"], None, True)
+        load_reward_functions(["exact"], None, ("answer",))
     assert str(err.value) == ("grpo.rewards: unknown reward 'exact'; use a built-in (exact_answer, format), "
                               "path/to/file.py:fn or package.module:fn")
 
@@ -273,7 +305,7 @@ def test_unknown_name():
 def test_file_not_found(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as err:
-        load_reward_functions(["scripts/missing.py:f"], None, True)
+        load_reward_functions(["scripts/missing.py:f"], None, ("answer",))
     assert str(err.value) == (f"grpo.rewards: 'scripts/missing.py:f': no file {tmp_path / 'scripts/missing.py'}; "
                               f"give the path to your .py file, relative to the working directory or absolute")
 
@@ -282,7 +314,7 @@ def test_no_such_function(tmp_path, monkeypatch):
     write(tmp_path / "r.py", "def g(completions):\n    return []\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as err:
-        load_reward_functions(["r.py:f"], None, True)
+        load_reward_functions(["r.py:f"], None, ("answer",))
     assert str(err.value) == ("grpo.rewards: 'r.py:f': r.py has no function 'f'; define it there, or fix the name "
                               "after the ':'")
 
@@ -291,7 +323,7 @@ def test_not_callable(tmp_path, monkeypatch):
     write(tmp_path / "r.py", "f = 3\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as err:
-        load_reward_functions(["r.py:f"], None, True)
+        load_reward_functions(["r.py:f"], None, ("answer",))
     assert str(err.value) == "grpo.rewards: 'r.py:f': f is 3 (int), not a function; point the spec at a reward function"
 
 
@@ -299,13 +331,13 @@ def test_file_that_fails_to_run(tmp_path, monkeypatch):
     write(tmp_path / "r.py", "raise RuntimeError('no GPU\\nhere')\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as err:
-        load_reward_functions(["r.py:f"], None, True)
+        load_reward_functions(["r.py:f"], None, ("answer",))
     assert str(err.value) == "grpo.rewards: 'r.py:f': running r.py raised RuntimeError: no GPU here; fix the file"
 
 
 def test_no_module():
     with pytest.raises(ConfigError) as err:
-        load_reward_functions(["lorakit_no_such_pkg.scoring:f"], None, True)
+        load_reward_functions(["lorakit_no_such_pkg.scoring:f"], None, ("answer",))
     assert str(err.value) == ("grpo.rewards: 'lorakit_no_such_pkg.scoring:f': no module lorakit_no_such_pkg.scoring; "
                               "install it or put its directory on PYTHONPATH, or give a file as path/to/file.py:fn")
 
@@ -314,7 +346,7 @@ def test_module_whose_import_fails(tmp_path, monkeypatch):
     write(tmp_path / "lorakit_test_reward_broken.py", "import lorakit_no_such_dependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError) as err:
-        load_reward_functions(["lorakit_test_reward_broken:f"], None, True)
+        load_reward_functions(["lorakit_test_reward_broken:f"], None, ("answer",))
     assert str(err.value) == ("grpo.rewards: 'lorakit_test_reward_broken:f': importing lorakit_test_reward_broken "
                               "raised ModuleNotFoundError: No module named 'lorakit_no_such_dependency'; fix the "
                               "module")
@@ -324,18 +356,18 @@ def test_two_functions_of_one_name(tmp_path):
     a = write(tmp_path / "a.py", "def score(completions):\n    return [0.0] * len(completions)\n")
     b = write(tmp_path / "b.py", "def score(completions):\n    return [0.0] * len(completions)\n")
     with pytest.raises(ConfigError) as err:
-        load_reward_functions([f"{a}:score", f"{b}:score"], None, True)
+        load_reward_functions([f"{a}:score", f"{b}:score"], None, ("answer",))
     assert str(err.value) == (f"grpo.rewards: more than one reward function is named 'score' ('{a}:score', "
                               f"'{b}:score'); list each once, or rename one so their logged rewards can be told apart")
 
 
 def test_weights_that_do_not_fit():
     with pytest.raises(ConfigError) as err:
-        load_reward_functions(["exact_answer", "format"], [1.0], True)
+        load_reward_functions(["exact_answer", "format"], [1.0], ("answer",))
     assert str(err.value) == ("grpo.reward_weights has 1 weights for 2 reward function(s); give one weight per "
                               "function")
     with pytest.raises(ConfigError) as err:
-        load_reward_functions(["format"], [math.nan], True)
+        load_reward_functions(["format"], [math.nan], ("answer",))
     assert str(err.value) == "grpo.reward_weights must be finite, got nan"
 
 
@@ -394,7 +426,7 @@ def test_missing_field():
 
 
 def test_inputs_that_do_not_line_up():
-    rewards = load_reward_functions(["format"], None, False)
+    rewards = load_reward_functions(["format"], None, ())
     with pytest.raises(LoraError) as err:
         rewards(["p"] * 2, ["c"] * 4, {"answer": ["a"] * 2}, ["d:1"] * 4)
     assert str(err.value) == ("reward inputs do not line up: 4 completions, but prompts has 2, answer has 2; pass "

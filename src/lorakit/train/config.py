@@ -16,7 +16,7 @@ CLI's `choices` and the README reference read the values from the type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -362,7 +362,7 @@ class OutputSection:
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     """Which base model and how to load it."""
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    lora: LoraConfig = field(default_factory=lambda: default_lora())
     """The adapter: every lorakit.LoraConfig (PEFT) field. r, lora_alpha and target_modules depart from PEFT's defaults to where `lorakit plan` suggests a run start (every linear layer, alpha = 2r)."""
     mixture: MixtureSection = field(default_factory=MixtureSection)
     """A mixture of LoRA experts or AdapterFusion over saved adapters, trained instead of `lora`."""
@@ -386,6 +386,10 @@ class TrainConfig:
                               f"only (4-bit layers are not sharded or replicated by {self.training.strategy}); "
                               "set training.strategy=single or model.quantize_base=none")
         self._check_objective()
+        if self.training.init_from and (changed := _changed_fields(self.lora, default_lora())):
+            raise ConfigError(f"training.init_from continues the adapter in {self.training.init_from} with its own "
+                              f"configuration, so the lora section's {', '.join(f'lora.{k}' for k in changed)} would "
+                              "be ignored; drop them, or drop training.init_from to train a new adapter")
 
     def check_adapter_paths(self) -> None:
         """training.init_from and training.reference_adapter name saved adapters: a missing one is
@@ -424,6 +428,15 @@ class TrainConfig:
         if self.data.train_on_inputs:
             raise ConfigError(f"data.train_on_inputs is for training.objective=sft; {objective} scores completions "
                               "only. Set data.train_on_inputs=false")
+
+
+def default_lora() -> LoraConfig:
+    return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+
+
+def _changed_fields(value: LoraConfig, default: LoraConfig) -> list[str]:
+    """The fields of `value` that differ from `default`'s."""
+    return [f.name for f in fields(value) if getattr(value, f.name) != getattr(default, f.name)]
 
 
 OTHER_TOOLS_NAMES: dict[str, str] = {

@@ -15,9 +15,10 @@ from .metrics import perplexity
 
 @dataclass
 class EvalResult:
-    loss: float
-    """Mean cross-entropy per trained token."""
-    ppl: float
+    loss: float | None
+    """Mean cross-entropy per trained token (None without a reference completion: a GRPO prompt
+    without an answer has nothing to score)."""
+    ppl: float | None
     """exp(loss)."""
     exact_match: float | None
     """Share of references reproduced exactly by greedy decoding (None if no example has one)."""
@@ -39,7 +40,7 @@ def evaluate(model: nn.Module, tokenizer, examples: list[Example], batch_size: i
         s, n = loss_sum(model, batch)
         total += s.double().cpu()
         count += int(n)
-    loss = (total / max(count, 1)).item()
+    loss = (total / count).item() if count else None
     with_ref = [e for e in examples if e.prompt_ids is not None and e.reference is not None][:max_generate]
     hits, samples = 0, []
     # evenly spaced, so a dataset grouped by task shows one sample per task
@@ -54,7 +55,7 @@ def evaluate(model: nn.Module, tokenizer, examples: list[Example], batch_size: i
             if i + j in shown:
                 samples.append((tokenizer.decode(e.prompt_ids, skip_special_tokens=False), e.reference, out))
     model.train(was_training)
-    return EvalResult(loss=loss, ppl=perplexity(loss), exact_match=hits / len(with_ref) if with_ref else None,
+    return EvalResult(loss=loss, ppl=None if loss is None else perplexity(loss), exact_match=hits / len(with_ref) if with_ref else None,
                       n_examples=len(examples), samples=samples)
 
 

@@ -42,12 +42,14 @@ from .logprobs import collate_completions, token_logprobs
 from .objective import Batch, Metrics, MetricSums, my_slice
 from .preference_data import PromptExample
 from .reference import as_reference, scoring
-from .rewards import load_reward_functions
+from .rewards import Rewards, load_reward_functions
 
 
 class GumbelSampler(LogitsProcessor):
     """Turns greedy search into sampling with one random stream per row: returns the tempered,
-    top-p-filtered logits plus Gumbel noise, whose argmax is a sample of their softmax."""
+    top-p-filtered logits plus Gumbel noise, whose argmax is a sample of their softmax. The streams
+    live on the logits' device (no vocabulary-wide copy per token), so a run resumes exactly on the
+    kind of device it ran on."""
 
     def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float) -> None:
         self.generators, self.temperature, self.top_p = generators, temperature, top_p
@@ -58,9 +60,9 @@ class GumbelSampler(LogitsProcessor):
             probs, order = torch.softmax(z, dim=-1).sort(dim=-1, descending=True)
             beyond = probs.cumsum(-1) - probs > self.top_p                          # before it, top_p is reached
             z = z.scatter(1, order, z.gather(1, order).masked_fill(beyond, float("-inf")))
-        u = torch.stack([torch.rand(z.shape[1], generator=g, dtype=torch.float64) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))                        # (R, V) on CPU
-        return z + gumbel.to(device=z.device, dtype=z.dtype)
+        u = torch.stack([torch.rand(z.shape[1], generator=g, device=z.device) for g in self.generators])  # (R, V)
+        tiny = torch.finfo(u.dtype).tiny                                            # u = 0 would give -inf
+        return z + -torch.log(-torch.log(u.clamp(min=tiny)))
 
 
 def _row_seed(seed: int, draw: int, member: int) -> int:
@@ -73,17 +75,18 @@ class GRPO:
     """GRPO over `PromptExample`s (module docstring). count: completion tokens (loss_type dapo),
     completions (grpo) or completions x max_completion_len (dr_grpo)."""
 
-    def __init__(self, section: GrpoSection, tokenizer: Any, dist: Dist, seed: int, examples: list[PromptExample],
-                 eval_examples: list[PromptExample], pad_id: int, micro_batch_size: int, grad_accum: int,
-                 chunked: bool, model: nn.Module, reference: str | None,
+    def __init__(self, section: GrpoSection, rewards: Rewards, tokenizer: Any, dist: Dist, seed: int,
+                 examples: list[PromptExample], eval_examples: list[PromptExample], pad_id: int,
+                 micro_batch_size: int, grad_accum: int, chunked: bool, model: nn.Module, reference: str | None,
                  autocast: Callable[[], AbstractContextManager]) -> None:
         self.section, self.tokenizer, self.dist, self.seed = section, tokenizer, dist, seed
         self.examples, self.eval_examples, self.pad_id = examples, eval_examples, pad_id
+        self.held_out = len(eval_examples)
         self.micro_batch_size, self.grad_accum, self.chunked = micro_batch_size, grad_accum, chunked
         self.model, self.reference, self.autocast = model, reference, autocast
-        has_answer = any(isinstance(e.extras.get("answer"), str) for e in examples)
-        self.rewards = load_reward_functions(section.rewards, section.reward_weights, has_answer,
-                                             end_of_turn=_end_of_turn_texts(tokenizer, model))
+        self.rewards = rewards.ending_turns_with(_end_of_turn_texts(tokenizer, model))
+        self.fields = _field_names(examples + eval_examples)
+        """Every batch passes all of them (None where a record lacks one), the same keys on every process."""
         self.eos_ids = _eos_ids(tokenizer, model)
         self.sums = MetricSums()
         self.columns = ("reward", "reward_std", *self.rewards.columns, "kl", "completion_len", "clip_fraction")
@@ -105,11 +108,11 @@ class GRPO:
         """Sample, score and collate the completions of the prompts `examples[indices]`."""
         g, examples = self.section.group_size, [self.examples[i] for i in indices]
         prompts = [e.prompt_ids for e in examples for _ in range(g)]            # (B * G) rows
-        generators = [torch.Generator().manual_seed(_row_seed(self.seed, d, m)) for d in draws for m in range(g)]
+        device = next(self.model.parameters()).device   # the noise is drawn where the logits are
+        generators = [torch.Generator(device).manual_seed(_row_seed(self.seed, d, m)) for d in draws for m in range(g)]
         completions = self._sample(prompts, generators, width)
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-        fields = {k: [e.extras.get(k) for e in examples for _ in range(g)]
-                  for k in dict.fromkeys(k for e in examples for k in e.extras)}
+        fields = {k: [e.extras.get(k) for e in examples for _ in range(g)] for k in self.fields}
         rewards, per_function = self.rewards([e.prompt for e in examples for _ in range(g)], texts, fields,
                                              [e.source for e in examples for _ in range(g)])
         advantages = pl.group_advantages(rewards, g, self.section.scale_rewards)   # (B * G,)
@@ -181,10 +184,24 @@ class GRPO:
             with scoring(model):
                 texts = generate_greedy(model, self.tokenizer, [e.prompt_ids for e in chunk], device,
                                         self.section.max_completion_len, self.eos_ids)
-            fields = {k: [e.extras.get(k) for e in chunk] for k in dict.fromkeys(k for e in chunk for k in e.extras)}
+            fields = {k: [e.extras.get(k) for e in chunk] for k in self.fields}
             rewards, _ = self.rewards([e.prompt for e in chunk], texts, fields, [e.source for e in chunk])
             total += float(rewards.sum())
         return {"eval_reward": total / len(self.eval_examples)}
+
+
+def grpo_rewards(section: GrpoSection, train: list[PromptExample], held_out: list[PromptExample]) -> Rewards:
+    """The run's reward functions, resolved and checked against every record before the model loads:
+    a misspelt spec or a record without a field a function needs is an error now, not after minutes
+    of loading or on one process mid-run."""
+    records = train + held_out
+    rewards = load_reward_functions(section.rewards, section.reward_weights, _field_names(records))
+    rewards.check_records([(e.extras, e.source) for e in records])
+    return rewards
+
+
+def _field_names(examples: list[PromptExample]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(k for e in examples for k in e.extras))
 
 
 def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:

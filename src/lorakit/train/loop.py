@@ -53,7 +53,9 @@ from .config import TrainConfig, TrainingSection
 from .data import Example, RowStream, build_datasets, pack
 from .distributed import Dist
 from .evaluate import EvalResult, evaluate
+from .grpo import grpo_rewards
 from .kernels import kernels_wanted, use_kernels
+from .loss import trained_tokens
 from .memory import PeakMemory
 from .metrics import MetricsLog, plot_losses
 from .objective import SFT, Batch, Metrics, Objective
@@ -114,6 +116,9 @@ class Run:
     """The first step to run: 0, or the step of the checkpoint resumed from."""
     total_steps: int
     stream: RowStream
+    evaluates: bool = False
+    """Whether there is held-out data: reference completions for the SFT evaluation, or the
+    objective's own held-out examples (GRPO prompts without answers, say)."""
     eval_before: EvalResult | None = None
     losses: list[float] = field(default_factory=list)
     tokens_seen: int = 0
@@ -156,20 +161,24 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run | RunSummary:
     torch.manual_seed(t.seed)
     log = printer(dist.is_main)
     _lock_run_dir(out, dist, cleanup, log)
+    _warn_of_another_base(cfg, log)
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     if cfg.data.chat_template:   # saved with the tokenizer, so generation uses the template trained on
         tokenizer.chat_template = cfg.data.chat_template
-    model = load_model(cfg.model.name_or_path, cfg.model.dtype, str(device), cfg.model.attn_implementation,
-                       cfg.model.revision, cfg.model.trust_remote_code, cfg.model.quantize_base)
+    rewards = None   # the data and GRPO's reward functions are checked before the (slow) model load
     if t.objective == "sft":
         train_examples, eval_examples, report = build_datasets(cfg.data, tokenizer, t.seed)
         rows = pack(train_examples, cfg.data.max_seq_len) if cfg.data.packing else train_examples
     else:
         data = build_objective_data(cfg.data, tokenizer, t.seed, t.objective)
         rows, eval_examples, report = data.train, data.eval_sft, data.report
+        if t.objective == "grpo":
+            rewards = grpo_rewards(cfg.grpo, data.train, data.eval)
     for line in report.lines():
         log(line)
+    model = load_model(cfg.model.name_or_path, cfg.model.dtype, str(device), cfg.model.attn_implementation,
+                       cfg.model.revision, cfg.model.trust_remote_code, cfg.model.quantize_base)
 
     trainee = trainee_for(cfg)
     trainee.attach(model)
@@ -213,7 +222,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run | RunSummary:
         objective = SFT(rows, tokenizer.pad_token_id, t.micro_batch_size, t.grad_accum, chunked=t.chunked_loss,
                         kernel=kernels_on)
     else:
-        objective = build_objective(cfg, data, tokenizer, model, dist, autocast, log)
+        objective = build_objective(cfg, data, tokenizer, model, dist, autocast, log, rewards)
     metrics = None
     if dist.is_main:
         resume_step = start if resume_from else None
@@ -221,8 +230,9 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Run | RunSummary:
         metrics = cleanup.enter_context(MetricsLog(out, resume_step, trackers,   # a failure ends them as failed
                                                    (*objective.columns, *objective.eval_columns)))
     run = Run(cfg, resolved, out, dist, tokenizer, model, step_model, trainee, objective, eval_examples, optimizer,
-              autocast, peak, log, metrics, start, total_steps, stream)
-    if eval_examples and start == 0:
+              autocast, peak, log, metrics, start, total_steps, stream,
+              evaluates=bool(eval_examples) or objective.held_out > 0)
+    if run.evaluates and start == 0:
         run.eval_before = _evaluate(run)
         log(eval_line("before training", run.eval_before))
         if metrics:
@@ -238,8 +248,11 @@ def train_step(run: Run, step: int) -> StepStats:
     `TrainingDiverged` before the optimizer steps, with the state before this step saved."""
     t, dist = run.cfg.training, run.dist
     micro = run.objective.batches(run.stream, dist)
-    # (K,): the terms each of the loss's K parts sums, over the whole step
-    n_trained = dist.sum(sum(torch.atleast_1d(run.objective.count(b)).to(dist.device).float() for b in micro))
+    # (K + 1,): the terms each of the loss's K parts sums, over the whole step, and its trained (label)
+    # tokens, for the log: an objective's count may be pairs or completions instead
+    counts = dist.sum(sum(torch.cat([torch.atleast_1d(run.objective.count(b)).float(),
+                                     trained_tokens(b["labels"]).float()[None]]).to(dist.device) for b in micro))
+    n_trained, labelled = counts[:-1], counts[-1]
     step_loss, aux_sums, tokens = _backward(run, micro, n_trained)
     # the stop flag rides on the loss's sum, so every process sees the same one at the same step
     summed = dist.sum(torch.cat([step_loss, torch.tensor([float(run.stop.requested)], device=dist.device)]))
@@ -264,7 +277,7 @@ def train_step(run: Run, step: int) -> StepStats:
     run.optimizer.zero_grad(set_to_none=True)
     aux = {k: (dist.sum(v) / (t.grad_accum * dist.world)).item() for k, v in aux_sums.items()}
     aux.update(_reduce_metrics(run.objective.take_metrics(), dist))
-    return StepStats(mean_loss, lr, grad_norm, int(n_trained[0].item()), tokens, aux, bool(stop.item()))
+    return StepStats(mean_loss, lr, grad_norm, int(labelled.item()), tokens, aux, bool(stop.item()))
 
 
 def _reduce_metrics(metrics: Metrics, dist: Dist) -> dict[str, float]:
@@ -323,7 +336,7 @@ def after_step(run: Run, step: int, stats: StepStats) -> None:
     row = {"step": done, "epoch": round(run.stream.epochs_done, 4), "loss": stats.loss, "lr": stats.lr,
            "grad_norm": stats.grad_norm, "trained_tokens": stats.trained_tokens, "tokens_per_s": round(tok_s, 1),
            "elapsed_s": round(elapsed, 3), **stats.aux}
-    if t.eval_every and done % t.eval_every == 0 and done != run.total_steps and run.eval_examples:
+    if t.eval_every and done % t.eval_every == 0 and done != run.total_steps and run.evaluates:
         result = _evaluate(run)
         run.log(eval_line(f"step {done}", result))
         row.update(eval_row(result))
@@ -344,7 +357,7 @@ def finish(run: Run) -> RunSummary:
     elapsed = time.perf_counter() - run.t0
     dist = run.dist
     eval_after = None
-    if run.eval_examples:
+    if run.evaluates:
         eval_after = _evaluate(run)
         if run.metrics:
             run.metrics.log({"step": run.total_steps, **eval_row(eval_after)})
@@ -380,6 +393,17 @@ def _lock_run_dir(out: Path, dist: Dist, cleanup: ExitStack, log: Callable[[str]
         raise error
     if failed:
         raise LoraError(f"the main process could not take output.dir {out}; its error says why")
+
+
+def _warn_of_another_base(cfg: TrainConfig, log: Callable[[str], None]) -> None:
+    """A saved adapter the run starts from or compares with, recorded as trained on another base:
+    loading checks its shapes, but a same-shaped other model (base vs instruct) would pass silently."""
+    for key in ("init_from", "reference_adapter"):
+        where = getattr(cfg.training, key)
+        trained_on = where and io.read_adapter_config(where).base_model_name_or_path
+        if trained_on and trained_on != cfg.model.name_or_path:
+            log(f"warning: training.{key}: {where} was trained on {trained_on}, and this run's base is "
+                f"{cfg.model.name_or_path}; if that is another model, the adapter does not fit it")
 
 
 def _disable_base_dropout(model: nn.Module) -> bool:
@@ -480,6 +504,7 @@ def _evaluate(run: Run) -> EvalResult:
         result = evaluate(run.model, run.tokenizer, run.eval_examples, run.cfg.training.micro_batch_size,
                           run.dist.device)
         result.extra = run.objective.evaluate(run.model)
+    result.n_examples = max(result.n_examples, run.objective.held_out)   # KTO's undesirable ones too
     return result
 
 

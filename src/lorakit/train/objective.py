@@ -11,6 +11,8 @@ The training step (lorakit.train.loop.train_step) asks its objective for:
     take_metrics()          {column: (sum, count)} this process gathered since the last call
                             (rewards, KL, ...): the loop sums both over processes and logs sum / count
     evaluate(model)         {column: value} on the held-out data, next to the SFT evaluation
+    held_out                how many held-out examples `evaluate` scores (0 for SFT, whose held-out
+                            data is the SFT evaluation's)
 
 and divides each micro-batch's sums by the counts of the whole step, over all its micro-batches
 and all processes, so every term weighs the same however the batch is split. That is why the count
@@ -43,6 +45,7 @@ class Objective(Protocol):
     columns: tuple[str, ...]
     eval_columns: tuple[str, ...]
     progress: tuple[str, ...]
+    held_out: int
 
     def batches(self, stream: RowStream, dist: Dist) -> list[Batch]: ...
 
@@ -64,6 +67,7 @@ class SFT:
     columns: tuple[str, ...] = ()
     eval_columns: tuple[str, ...] = ()
     progress: tuple[str, ...] = ()
+    held_out = 0
 
     def __init__(self, rows: list[Example] | list[PackedRow], pad_id: int, micro_batch_size: int, grad_accum: int,
                  chunked: bool, kernel: bool) -> None:

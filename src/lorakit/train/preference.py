@@ -57,6 +57,7 @@ class _Batched:
         self.examples, self.eval_examples, self.pad_id = examples, eval_examples, pad_id
         self.micro_batch_size, self.grad_accum, self.chunked = micro_batch_size, grad_accum, chunked
         self.model, self.reference, self.autocast = model, reference, autocast
+        self.held_out = len(eval_examples)
         self.sums = MetricSums()
         self.ref_logps: Tensor | None = None
         """(n, k) fp32 reference log-probabilities per example, with precompute_reference."""
@@ -226,7 +227,7 @@ class KTO(_Batched):
         count = torch.tensor(float(n), device=kl_sum.device)
         if dist is not None:
             kl_sum, count = dist.sum(torch.stack([kl_sum, count]))
-        kl = (kl_sum / count).clamp(min=0).detach()
+        kl = pl.kto_kl_estimate(kl_sum, count)
         s = self.section
         losses, rewards = pl.kto_loss(policy, ref[:n], batch["label"], kl, self.beta, s.desirable_weight,
                                       s.undesirable_weight)

@@ -156,13 +156,14 @@ def orpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, chosen_tokens: Ten
     return OrpoTerms(losses, lam * chosen.detach(), lam * rejected.detach(), log_odds.detach())
 
 
-def kto_kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
+def kto_kl_estimate(log_ratio_sum: Tensor, count: Tensor) -> Tensor:
     """KTO's reference point z (TRL's KTOTrainer): the mean log-ratio of the mismatched pairs
-    (prompt i with another example's completion), clamped at 0, detached; a () tensor. Inputs
-    (M,) summed log-probabilities. TRL averages each process's mean (gather_for_metrics) and
-    clamps after; with equal batches per process that is the mean over all M of the step's
-    processes, so several processes should average before clamping, not clamp their own."""
-    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    (prompt i with another example's completion), clamped at 0, detached; a () tensor. Inputs: the
+    sum over M pairs of policy minus reference summed log-probabilities, and M, both (). TRL
+    averages each process's mean (gather_for_metrics) and clamps after; with equal batches per
+    process that is the mean over all M of the step's processes, which is why this takes a sum and
+    a count: several processes add theirs up before the one clamp."""
+    return (log_ratio_sum / count).clamp(min=0).detach()
 
 
 def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: Tensor, beta: float,

@@ -40,9 +40,12 @@ def eval_row(r: EvalResult) -> dict:
 
 
 def eval_line(when: str, r: EvalResult) -> str:
-    extra = _extra(r)
-    return (f"{when}: eval loss {r.loss:.4f} (perplexity {r.ppl:.2f}){_exact_match(r)}{extra} on {r.n_examples} "
-            "examples")
+    return f"{when}: eval {_loss(r)}{_exact_match(r)}{_extra(r)} on {r.n_examples} examples"
+
+
+def _loss(r: EvalResult) -> str:
+    """The loss and perplexity, or n/a with no reference completion to score (GRPO without answers)."""
+    return "loss n/a" if r.loss is None else f"loss {r.loss:.4f} (perplexity {r.ppl:.2f})"
 
 
 def _extra(r: EvalResult) -> str:
@@ -59,8 +62,7 @@ def model_card(cfg: TrainConfig, trainee: Trainee, s: RunSummary) -> str:
     def ev(r: EvalResult | None) -> str:
         if r is None:
             return "n/a"
-        extra = _extra(r)
-        return f"loss {r.loss:.4f}, perplexity {r.ppl:.2f}{_exact_match(r)}{extra}"
+        return f"{_loss(r)}{_exact_match(r)}{_extra(r)}"
 
     return f"""# {trainee.title} for {cfg.model.name_or_path}
 

@@ -45,6 +45,7 @@ exact answers appear; longer answers want `Format(max_words=N)` in a file of you
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -53,11 +54,12 @@ import numbers
 import os
 import reprlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -181,6 +183,22 @@ class Rewards:
             per_function[column] = torch.tensor([v for v in values if v is not None], dtype=torch.float32)
         return torch.tensor(total, dtype=torch.float32), per_function   # (N,), {column: (applied,)}
 
+    def ending_turns_with(self, end_of_turn: Sequence[str]) -> Rewards:
+        """These rewards with the built-ins (and `Format`s of the user's own) told the end-of-turn texts."""
+        eot = tuple(e for e in end_of_turn if e)
+        return Rewards(tuple(dataclasses.replace(t, fn=dataclasses.replace(t.fn, end_of_turn=eot))
+                             if isinstance(t.fn, (ExactAnswer, Format)) else t for t in self.terms))
+
+    def check_records(self, records: Sequence[tuple[dict[str, Any], str]]) -> None:
+        """Every field a function cannot do without is in every record ((fields, "path:line") each),
+        checked before the first step: a record without it would otherwise stop the run when its
+        batch comes, on that one process of several."""
+        for term in self.terms:
+            for name in sorted(term.needs - {"prompts", "completions"}):
+                if lacking := next((source for fields, source in records if fields.get(name) is None), None):
+                    raise DataError(f"{lacking}: reward function {term.name} needs {_fields([name])}, which this "
+                                    f"record lacks; add it to every record, or give the parameter a default")
+
     @staticmethod
     def _score(term: RewardTerm, args: dict[str, list], sources: list[str]) -> list[float | None]:
         """One function's rewards, checked: its mistakes are reported as its own, not as a bad loss later."""
@@ -217,14 +235,16 @@ class Rewards:
         return values
 
 
-def load_reward_functions(specs: list[str], weights: list[float] | None, has_answer: bool, *,
+def load_reward_functions(specs: list[str], weights: list[float] | None, fields: Collection[str], *,
                           end_of_turn: Sequence[str] = ()) -> Rewards:
     """The reward functions of `grpo.rewards` (empty: exact_answer) with `grpo.reward_weights` (None: all
-    1). `has_answer`: the records have an `answer` field, which exact_answer needs; `end_of_turn`: the
-    tokenizer's end-of-turn texts, for the built-ins. Each spec is a built-in name, path/to/file.py:fn
-    (relative to the working directory) or package.module:fn. Raises ConfigError for a spec that does
-    not resolve to a function, a function that needs `answer` when the records have none, and weights
-    that do not fit."""
+    1). `fields`: the names of the records' fields besides the prompt (e.g. answer), which the
+    functions may need; `end_of_turn`: the tokenizer's end-of-turn texts, for the built-ins (or set
+    later with `Rewards.ending_turns_with`, once the model that says them is loaded). Each spec is a
+    built-in name, path/to/file.py:fn (relative to the working directory) or package.module:fn.
+    Raises ConfigError for a spec that does not resolve to a function, a function that needs a field
+    the records do not have, and weights that do not fit: all before a model is loaded or a step run."""
+    has_answer = "answer" in fields
     if not specs and not has_answer:
         raise ConfigError("grpo.rewards is empty, so the reward is exact_answer, which needs an `answer` field "
                           "in every record; add one, or set grpo.rewards to your own reward functions")
@@ -240,9 +260,10 @@ def load_reward_functions(specs: list[str], weights: list[float] | None, has_ans
     terms = [RewardTerm.of(*_resolve(spec, eot, modules), float(weight))
              for spec, weight in zip(specs, weights, strict=True)]
     for spec, term in zip(specs, terms, strict=True):
-        if "answer" in term.needs and not has_answer:
-            raise ConfigError(f"grpo.rewards: {spec!r} needs an `answer` field in every record, and the records "
-                              f"have none; add one, or remove it from grpo.rewards")
+        if missing := sorted(term.needs - {"prompts", "completions"} - set(fields)):
+            raise ConfigError(f"grpo.rewards: {spec!r} needs {_fields(missing)} in every record, and the records "
+                              f"have none (their fields: {few(sorted(fields)) or 'none'}); add it, or remove the "
+                              f"function from grpo.rewards")
     names = [t.name for t in terms]
     if dup := next((name for name in names if names.count(name) > 1), None):
         clash = ", ".join(repr(s) for s, name in zip(specs, names, strict=True) if name == dup)
@@ -302,6 +323,10 @@ def _import(spec: str, name: str) -> ModuleType:
                               f"PYTHONPATH, or give a file as path/to/file.py:fn") from exc
         raise ConfigError(f"grpo.rewards: {spec!r}: importing {name} raised {_one_line(exc)}; fix the "
                           f"module") from exc
+
+
+def _fields(names: Sequence[str]) -> str:
+    return "the " + ", ".join(f"`{n}`" for n in names) + (" fields" if len(names) > 1 else " field")
 
 
 def _one_line(exc: BaseException) -> str:
