@@ -155,11 +155,11 @@ def _status(call) -> tuple[int, dict]:
     (dict(top_p=1.5), "top_p", "less than or equal to 1"),
     (dict(max_tokens=0), "max_tokens", "greater than or equal to 1"),
     (dict(max_tokens=SERVER_LIMITS["max_tokens"] + 1), "max_tokens", "more than this server's limit of 200"),
-    (dict(n=2), "n", "n=2 is not supported"),
-    (dict(logprobs=2), "logprobs", "not supported"),
+    (dict(n=0), "n", "greater than or equal to 1"),
+    (dict(logprobs=6), "logprobs", "less than or equal to 5"),
     (dict(stop=""), "stop", "at least 1 character"),
     (dict(stop=["x"] * 17), "stop", "at most 16"),
-    (dict(presence_penalty=0.5), "presence_penalty", "not supported"),
+    (dict(presence_penalty=2.5), "presence_penalty", "less than or equal to 2"),
 ])
 def test_bad_parameters_are_400_naming_the_parameter(client, kwargs, param, words):
     status, body = _status(lambda: client.completions.create(model="a0", prompt="Hi", **{"max_tokens": 4, **kwargs}))

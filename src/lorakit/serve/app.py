@@ -10,7 +10,9 @@
 
 `model` names an adapter, the base model's own name means no adapter, and "auto" lets the
 semantic router pick. With `"stream": true` the text comes as server-sent events (`data: {...}`
-chunks, then `data: [DONE]`).
+chunks, then `data: [DONE]`). With `n` > 1 each prompt is submitted n times to the engine, choice
+i seeded `seed + i` (`sampling.choice_seed`); the engine prefills the copies once, and a stream
+interleaves the choices' chunks, each with its `index`.
 
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status
 for a request at fault: 400 bad parameter or too long, 403 a path outside the adapters
@@ -31,7 +33,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -51,8 +54,10 @@ from .protocol import (
     CompletionRequest,
     chat_chunk,
     chat_completion,
+    chat_logprobs,
     completion,
     completion_chunk,
+    completion_logprobs,
     model_card,
     new_id,
     now,
@@ -60,7 +65,7 @@ from .protocol import (
     usage_chunk,
 )
 from .registry import AUTO, check_adapter_name, resolve_adapter_dir
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprobs, choice_seed
 
 log = logging.getLogger("lorakit.serve")
 
@@ -154,38 +159,51 @@ def create_app(engine: Engine, base_name: str, adapters_dir: str | Path | None =
     def adapter_of(model: str) -> str:
         return BASE_NAME if model == base_name else model
 
-    def params(body, prompt_tokens: int, limit: int | None, default: int | None) -> SamplingParams:
-        max_tokens = limit if limit is not None else engine.default_max_tokens(prompt_tokens)
+    def jobs_of(body, prompt_ids: list[int], limit: int | None, default: int | None, alternatives: int | None,
+                route_text: str) -> list[tuple[list[int], SamplingParams, str]]:
+        """The `n` engine jobs of one prompt, choice i seeded `choice_seed(seed, i)`."""
+        max_tokens = limit if limit is not None else engine.default_max_tokens(len(prompt_ids))
         if limit is None and default is not None:
             max_tokens = min(default, max_tokens)
-        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                              top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed,
-                              stop=body.stop_strings())
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                                top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop_strings(),
+                                presence_penalty=body.presence_penalty or 0.0,
+                                frequency_penalty=body.frequency_penalty or 0.0, logprobs=alternatives)
+        return [(prompt_ids, replace(params, seed=choice_seed(body.seed, i)), route_text) for i in range(body.choices)]
+
+    def check_choices(prompts: int, n: int) -> None:
+        if prompts * n > config.max_batch_size:
+            raise ServeError(f"{prompts} prompt(s) x n={n} = {prompts * n} choices in one request; at most "
+                             f"{config.max_batch_size} (max_batch_size)", 400, param="n" if n > 1 else "prompt")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.check_supported()
         prompts = body.prompts()
-        if len(prompts) > config.max_batch_size:
-            raise ServeError(f"{len(prompts)} prompts in one request; at most {config.max_batch_size} (max_batch_size)",
-                             400, param="prompt")
+        check_choices(len(prompts), body.choices)
         jobs = []
         for p in prompts:
             ids = p if isinstance(p, list) else encode_prompt(engine.tokenizer, prompt=p)
             text = p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=True)
-            jobs.append((ids, params(body, len(ids), body.max_tokens, 16), text))
-        run = _Run(engine, adapter_of(body.model), jobs, request, config.request_timeout_s)
+            jobs += jobs_of(body, ids, body.max_tokens, 16, body.logprobs, text)
+        run = _Run(engine, adapter_of(body.model), jobs, body.choices, request, config.request_timeout_s)
         await run.start()
         rid, created_at = new_id("cmpl"), now()
+        wanted = body.logprobs is not None
+
+        def logprobs(entries: list[TokenLogprobs]) -> dict | None:
+            return completion_logprobs(entries if wanted else None)
+
         if not body.stream:
             results = await run.collect()
             model = run.model_name(base_name, body.model)
-            return completion(rid, created_at, model, [(r.text, r.reason) for r in results], run.usage())
+            return completion(rid, created_at, model, [(r.text, r.reason, logprobs(r.logprobs)) for r in results],
+                              run.usage())
 
         async def events() -> AsyncIterator[str]:
             model = run.model_name(base_name, body.model)
-            async for index, text, reason in run.stream():
-                yield _sse(completion_chunk(rid, created_at, model, index, text, reason))
+            async for index, text, entries, reason in run.stream():
+                yield _sse(completion_chunk(rid, created_at, model, index, text, reason, logprobs(entries)))
             if body.include_usage:
                 yield _sse(usage_chunk(rid, created_at, model, "text_completion", run.usage()))
             yield "data: [DONE]\n\n"
@@ -202,23 +220,30 @@ def create_app(engine: Engine, base_name: str, adapters_dir: str | Path | None =
             raise ServeError(f"{e}; use /v1/completions", 400, param="messages") from None
         except TemplateError as e:
             raise ServeError(f"the chat template refused these messages: {e}", 400, param="messages") from None
-        job = (ids, params(body, len(ids), body.token_limit, None), body.route_text())
-        run = _Run(engine, adapter_of(body.model), [job], request, config.request_timeout_s)
+        check_choices(1, body.choices)
+        jobs = jobs_of(body, ids, body.token_limit, None, body.alternatives, body.route_text())
+        run = _Run(engine, adapter_of(body.model), jobs, body.choices, request, config.request_timeout_s)
         await run.start()
         rid, created_at = new_id("chatcmpl"), now()
+        wanted = body.alternatives is not None
+
+        def logprobs(entries: list[TokenLogprobs]) -> dict | None:
+            return chat_logprobs(entries if wanted else None)
+
         if not body.stream:
-            (result,) = await run.collect()
-            return chat_completion(rid, created_at, run.model_name(base_name, body.model), result.text, result.reason,
-                                   run.usage())
+            results = await run.collect()
+            return chat_completion(rid, created_at, run.model_name(base_name, body.model),
+                                   [(r.text, r.reason, logprobs(r.logprobs)) for r in results], run.usage())
 
         async def events() -> AsyncIterator[str]:
             model = run.model_name(base_name, body.model)
-            yield _sse(chat_chunk(rid, created_at, model, {"role": "assistant", "content": ""}, None))
-            async for _, text, reason in run.stream():
-                if text:
-                    yield _sse(chat_chunk(rid, created_at, model, {"content": text}, None))
+            for index in range(body.choices):
+                yield _sse(chat_chunk(rid, created_at, model, index, {"role": "assistant", "content": ""}, None))
+            async for index, text, entries, reason in run.stream():
+                if text or entries:
+                    yield _sse(chat_chunk(rid, created_at, model, index, {"content": text}, None, logprobs(entries)))
                 if reason is not None:
-                    yield _sse(chat_chunk(rid, created_at, model, {}, reason))
+                    yield _sse(chat_chunk(rid, created_at, model, index, {}, reason))
             if body.include_usage:
                 yield _sse(usage_chunk(rid, created_at, model, "chat.completion.chunk", run.usage()))
             yield "data: [DONE]\n\n"
@@ -231,6 +256,7 @@ def create_app(engine: Engine, base_name: str, adapters_dir: str | Path | None =
 class _Result:
     def __init__(self) -> None:
         self.parts: list[str] = []
+        self.logprobs: list[TokenLogprobs] = []
         self.reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -242,12 +268,12 @@ class _Result:
 
 
 class _Run:
-    """The engine requests of one HTTP request (one per prompt), their events on one asyncio
-    queue, the time limit, and cancellation when the client goes away."""
+    """The engine requests of one HTTP request (one per choice: `n` per prompt, in a row), their
+    events on one asyncio queue, the time limit, and cancellation when the client goes away."""
 
-    def __init__(self, engine: Engine, adapter: str, jobs: list[tuple[list[int], SamplingParams, str]],
+    def __init__(self, engine: Engine, adapter: str, jobs: list[tuple[list[int], SamplingParams, str]], n: int,
                  http: Request, timeout_s: float) -> None:
-        self.engine, self.adapter, self.jobs, self.http = engine, adapter, jobs, http
+        self.engine, self.adapter, self.jobs, self.n, self.http = engine, adapter, jobs, n, http
         self.deadline = time.monotonic() + timeout_s
         self.timeout_s = timeout_s
         self.results = [_Result() for _ in jobs]
@@ -257,14 +283,16 @@ class _Run:
         self.watch_client = True   # off once streaming: the response then notices a disconnect itself
 
     async def start(self) -> None:
-        """Submit every prompt and wait until each has started (so an error before any text, such
-        as a routing failure, is an HTTP error, not a broken stream)."""
+        """Submit every choice, all at once, and wait until each has started (so an error before
+        any text, such as a routing failure, is an HTTP error, not a broken stream)."""
         loop = asyncio.get_running_loop()
+
+        def sink_of(index: int) -> Callable[[object], None]:
+            return lambda event: loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+
+        jobs = [(ids, params, sink_of(i), route_text) for i, (ids, params, route_text) in enumerate(self.jobs)]
         try:
-            for index, (ids, params, route_text) in enumerate(self.jobs):
-                def sink(event, index=index):
-                    loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
-                self.requests.append(self.engine.submit(ids, params, self.adapter, sink, route_text))
+            self.requests = self.engine.submit_all(jobs, self.adapter)
             started = 0
             while started < len(self.jobs):
                 index, event = await self._next()
@@ -293,20 +321,22 @@ class _Run:
                 if self.watch_client and await self.http.is_disconnected():
                     raise ServeError("the client closed the connection", 499) from None
 
-    async def stream(self) -> AsyncIterator[tuple[int, str, str | None]]:
-        """(prompt index, new text, finish reason or None) until every prompt has finished."""
+    async def stream(self) -> AsyncIterator[tuple[int, str, list[TokenLogprobs], str | None]]:
+        """(choice index, new text, its tokens' log-probability entries, finish reason or None)
+        until every choice has finished."""
         open_ = len(self.jobs)
         while open_:
             index, event = self.pending.pop(0) if self.pending else await self._next()
             result = self.results[index]
             if isinstance(event, Delta):
                 result.parts.append(event.text)
-                yield index, event.text, None
+                result.logprobs.extend(event.logprobs)
+                yield index, event.text, list(event.logprobs), None
             elif isinstance(event, Finished):
                 result.reason = event.reason
                 result.prompt_tokens, result.completion_tokens = event.prompt_tokens, event.completion_tokens
                 open_ -= 1
-                yield index, "", event.reason
+                yield index, "", [], event.reason
             elif isinstance(event, Failed):
                 raise event.error
 
@@ -323,7 +353,10 @@ class _Run:
             request.cancel()
 
     def usage(self) -> dict:
-        return usage(sum(r.prompt_tokens for r in self.results), sum(r.completion_tokens for r in self.results))
+        """Every choice's completion tokens; each prompt's tokens once, however many choices it has
+        (as OpenAI counts them)."""
+        return usage(sum(r.prompt_tokens for r in self.results[::self.n]),
+                     sum(r.completion_tokens for r in self.results))
 
     def model_name(self, base_name: str, asked: str) -> str:
         """The model that answered: the adapter the router chose for "auto" (when all prompts

@@ -8,7 +8,8 @@ One background thread owns the model. Requests wait in a bounded queue; the thre
     admit waiting requests while the batch has room (max_batch_size) and their prompts fit the
         prefill budget (max_prefill_tokens); route "auto" ones with the router; prefill them
         together (left-padded) into a fresh KV cache, take each one's first token, and merge
-        that cache into the running batch's
+        that cache into the running batch's. Joining rows with the same prompt and adapter (the
+        `n` choices of one request) are prefilled once: their cache rows are copies of one.
     decode one token for every running row; rows that finished leave the batch
 
 so a new request joins at the next step and a finished one leaves at once (continuous batching).
@@ -33,6 +34,10 @@ rows of different adapters share the pass: a gather plus batched matmuls per lay
 are rebuilt only when an adapter is loaded or unloaded. Unloading waits until no waiting or
 running request uses the adapter; new requests for it are refused from the moment it is asked.
 
+Each step's logits go through `sampling`: the penalties of the rows that have them (each such
+row counts its generated tokens in a (V,) tensor), the token choice, and the log-probabilities
+of the rows that asked for them, which reach the request with the next text released.
+
 Everything a request gets back goes through its `sink`, called on the engine thread with
 `Started`, then `Delta`s, then one `Finished` or `Failed`. A failing forward pass fails the
 requests in it (500) and the engine carries on with the next ones. A failure of one row after
@@ -52,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +72,16 @@ from ..io import load_adapter
 from .config import ServeConfig
 from .errors import ServeError
 from .registry import AUTO
-from .sampling import SamplingParams, TextStream, choose_tokens, make_generator
+from .sampling import (
+    SamplingParams,
+    TextStream,
+    TokenLogprobs,
+    TokenTexts,
+    apply_penalties,
+    choose_tokens,
+    make_generator,
+    token_logprobs,
+)
 
 log = logging.getLogger("lorakit.serve")
 
@@ -85,6 +99,8 @@ class Started:
 @dataclass(frozen=True)
 class Delta:
     text: str
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    """The entries of the tokens generated since the last Delta (when the request asked for them)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,8 @@ class Completion:
     adapter: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    """One entry per generated token, when the request asked for log-probabilities."""
 
 
 class Request:
@@ -144,6 +162,8 @@ class _Row:
     length: int          # tokens of this row in the KV cache
     last: int = -1       # the latest token, the next step's input
     generated: int = 0
+    counts: Tensor | None = None   # (V,) float32 times each token was generated; penalised rows only
+    pending: list[TokenLogprobs] = field(default_factory=list)   # entries not yet sent
 
 
 @dataclass
@@ -167,6 +187,7 @@ class Engine:
         self.context_length = _context_length(model)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._texts = TokenTexts(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0
         _check_cache_layers(model)
@@ -235,20 +256,31 @@ class Engine:
         """Queue a request; its events go to `sink` (on the engine thread). Raises ServeError at
         once for what can be known now: unknown adapter, prompt or max_tokens over the limits,
         a full queue (429), a server shutting down (503)."""
-        prompt_ids = list(prompt_ids)
-        self._check_request(prompt_ids, params, adapter, route_text)
-        request = Request(prompt_ids, params, adapter, sink or (lambda event: None), route_text)
+        (request,) = self.submit_all([(prompt_ids, params, sink, route_text)], adapter)
+        return request
+
+    def submit_all(self, jobs: Sequence[tuple[Sequence[int], SamplingParams, Callable[[Event], None] | None,
+                                              str | None]], adapter: str = BASE_NAME) -> list[Request]:
+        """Queue several requests for one adapter, each (prompt_ids, params, sink, route_text), as
+        `submit` does one: all or none, side by side in the queue, so that they join the batch at
+        the same step when it has room (and the copies of one prompt, the `n` choices of an HTTP
+        request, are prefilled once)."""
+        requests = []
+        for prompt_ids, params, sink, route_text in jobs:
+            prompt_ids = list(prompt_ids)
+            self._check_request(prompt_ids, params, adapter, route_text)
+            requests.append(Request(prompt_ids, params, adapter, sink or (lambda event: None), route_text))
         with self._cond:
             if not self._accepting:
                 raise ServeError("the server is shutting down and takes no new requests", 503)
             if adapter in self._unloading:
                 raise ServeError(f"adapter {adapter!r} is being unloaded", 404, param="model", code="model_not_found")
-            if len(self._waiting) >= self.config.max_queue:
+            if len(self._waiting) + len(requests) > self.config.max_queue:
                 raise ServeError(f"the server is at capacity: {len(self._waiting)} requests are waiting "
                                  f"(max_queue {self.config.max_queue}); retry later", 429)
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             self._cond.notify_all()
-        return request
+        return requests
 
     def _check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str,
                        route_text: str | None) -> None:
@@ -276,6 +308,11 @@ class Engine:
             raise ServeError(f"temperature must be in [0, 2], got {params.temperature!r}", 400, param="temperature")
         if not 0 < params.top_p <= 1:
             raise ServeError(f"top_p must be in (0, 1], got {params.top_p!r}", 400, param="top_p")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(params, key) <= 2:
+                raise ServeError(f"{key} must be in [-2, 2], got {getattr(params, key)!r}", 400, param=key)
+        if params.logprobs is not None and not 0 <= params.logprobs <= 20:
+            raise ServeError(f"logprobs must be in [0, 20], got {params.logprobs!r}", 400, param="logprobs")
         if params.max_tokens > self.config.max_tokens:
             raise ServeError(f"max_tokens is {params.max_tokens}, more than this server's limit of "
                              f"{self.config.max_tokens}", 400, param="max_tokens")
@@ -290,7 +327,7 @@ class Engine:
         events: queue.Queue[Event] = queue.Queue()
         request = self.submit(prompt_ids, params, adapter, events.put, route_text)
         deadline = time.monotonic() + (self.config.request_timeout_s if timeout is None else timeout)
-        parts, adapter_used = [], adapter
+        parts, logprobs, adapter_used = [], [], adapter
         while True:
             try:
                 event = events.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -301,9 +338,10 @@ class Engine:
                 adapter_used = event.adapter
             elif isinstance(event, Delta):
                 parts.append(event.text)
+                logprobs.extend(event.logprobs)
             elif isinstance(event, Finished):
                 return Completion("".join(parts), event.reason, adapter_used, event.prompt_tokens,
-                                  event.completion_tokens)
+                                  event.completion_tokens, tuple(logprobs))
             else:
                 raise event.error
 
@@ -473,31 +511,39 @@ class Engine:
         return adapters
 
     def _prefill(self, rows: list[_Row]) -> None:
-        """Run the new rows' prompts (left-padded to the longest) into a fresh cache, take their
-        first tokens, and merge the rows that go on into the running batch."""
-        width = max(r.length for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)                   # (b, P)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)                              # (b, P)
-        for i, row in enumerate(rows):
+        """Run the new rows' distinct (adapter, prompt) pairs (left-padded to the longest) into a
+        fresh cache, take every row's first token from its pair's logits, and merge the rows that
+        go on into the running batch, each with a copy of its pair's cache row."""
+        keys = [(r.adapter, tuple(r.request.prompt_ids)) for r in rows]
+        slots = {key: j for j, key in enumerate(dict.fromkeys(keys))}   # each distinct pair's prefill row
+        source = [slots[key] for key in keys]                             # the prefill row of each row
+        unique = [rows[keys.index(key)] for key in slots]
+        width = max(r.length for r in unique)
+        ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)                 # (u, P)
+        mask = torch.zeros((len(unique), width), dtype=torch.long)                            # (u, P)
+        for i, row in enumerate(unique):
             ids[i, width - row.length:] = torch.tensor(row.request.prompt_ids)
             mask[i, width - row.length:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)                                       # (b, P)
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)                                       # (u, P)
         cache = DynamicCache()
         try:
-            logits = self._forward(ids, mask, positions, cache, [r.adapter for r in rows])
+            logits = self._forward(ids, mask, positions, cache, [r.adapter for r in unique])  # (u, V)
         except Exception as e:
             log.exception("prefill failed")
             for row in rows:
                 _emit(row.request, Failed(ServeError(f"generation failed: {type(e).__name__}: {e}", 500)))
             return
+        if len(unique) < len(rows):
+            logits = logits[torch.tensor(source, device=self.device)]                         # (b, V)
         done = self._take(rows, logits)
         going = [i for i, d in enumerate(done) if not d]
         if not going:
             return
-        if len(going) < len(rows):
-            cache.batch_select_indices(torch.tensor(going, device=self.device))
-            mask = mask[going]
+        select = [source[i] for i in going]
+        if select != list(range(len(unique))):
+            cache.batch_select_indices(torch.tensor(select, device=self.device))
+            mask = mask[select]
         self._merge(cache, mask, [rows[i] for i in going])
 
     def _decode(self) -> None:
@@ -525,11 +571,14 @@ class Engine:
         """Choose each row's next token, send its text, and say which rows finished. A row that
         fails here (no token to choose, its text cannot be decoded) fails alone: its request gets
         the error and leaves, the other rows go on."""
-        tokens = choose_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        params = [r.request.params for r in rows]
+        logits = apply_penalties(logits, params, [r.counts for r in rows])                     # (B, V)
+        tokens = choose_tokens(logits, params, [r.generator for r in rows])
+        scores = token_logprobs(logits, tokens, [p.logprobs for p in params])
         done = []
-        for row, token in zip(rows, tokens, strict=True):
+        for row, token, score in zip(rows, tokens, scores, strict=True):
             try:
-                done.append(self._continue(row, token))
+                done.append(self._continue(row, token, score, logits.shape[-1]))
             except Exception as e:
                 log.exception("request %s (adapter %s) failed", row.request.id, row.adapter)
                 error = e if isinstance(e, ServeError) else ServeError(
@@ -538,12 +587,22 @@ class Engine:
                 done.append(True)
         return done
 
-    def _continue(self, row: _Row, token: int | None) -> bool:
-        """Take `token` as the row's next, send its text; whether the row finished."""
+    def _continue(self, row: _Row, token: int | None, score: tuple[float, list[tuple[int, float]]] | None,
+                  vocab: int) -> bool:
+        """Take `token` as the row's next (with its log-probabilities `score`, if asked for; `vocab`
+        the logits' width, for the counts), send its text; whether the row finished."""
         if token is None:
             raise ServeError(f"generation failed: the logits of this request are not finite (NaN or inf) under "
                              f"adapter {row.adapter!r}; its weights may hold NaN or inf", 500, code="non_finite_logits")
         row.last, row.generated = token, row.generated + 1
+        if row.request.params.penalised:
+            if row.counts is None:
+                row.counts = torch.zeros(vocab, dtype=torch.float32, device=self.device)      # (V,)
+            row.counts[token] += 1
+        if score is not None:
+            chosen, top = score
+            row.pending.append(TokenLogprobs(self._texts.entry(token, chosen),
+                                             tuple(self._texts.entry(t, lp) for t, lp in top), len(row.stream.text)))
         text = row.stream.add(token)
         reason = None
         if row.stream.stopped or token in self.eos_ids:
@@ -552,8 +611,9 @@ class Engine:
             reason = "length"
         if reason is not None:
             text += row.stream.finish()
-        if text:
-            _emit(row.request, Delta(text))
+        if text or (reason is not None and row.pending):
+            _emit(row.request, Delta(text, tuple(row.pending)))
+            row.pending.clear()
         if reason is not None:
             _emit(row.request, Finished(reason, len(row.request.prompt_ids), row.generated))
         return reason is not None or row.request.cancelled

@@ -3,10 +3,19 @@ the response, chunk and error objects, as plain dicts.
 
 Parameters lorakit serves: `model`, `prompt` / `messages`, `max_tokens` (chat also
 `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`, `stream`,
-`stream_options.include_usage`, `n` (only 1), `user` (ignored). Parameters it does not serve
-(`logprobs`, `echo`, `best_of` > 1, `suffix`, penalties, `logit_bias`, tools, JSON mode) are
-refused with a 400 when given a value that would change the output, never silently dropped;
-unknown keys are ignored, as OpenAI's own server does with new client fields.
+`stream_options.include_usage`, `n`, `presence_penalty` / `frequency_penalty` (in [-2, 2]),
+log-probabilities (completions `logprobs` 0 to 5; chat `logprobs: true` with `top_logprobs` 0
+to 20), `user` (ignored). Parameters it does not serve (`echo`, `best_of` > 1, `suffix`,
+`logit_bias`, tools, JSON mode) are refused with a 400 when given a value that would change the
+output, never silently dropped; unknown keys are ignored, as OpenAI's own server does with new
+client fields.
+
+Log-probability objects, per choice, one entry per generated token (the end token and the tokens
+of a stop string included, as `usage` counts them): chat `{"content": [{token, logprob, bytes,
+top_logprobs: [{token, logprob, bytes}, ...]}]}`; completions `{tokens, token_logprobs,
+top_logprobs: [{token: logprob}, ...], text_offset}`, the offsets counted in characters from the
+start of the choice's text. A streamed chunk carries the entries of the tokens generated since
+the previous chunk.
 
 Text must be Unicode: the JSON escape `\\ud800` decodes to a lone surrogate, which no tokenizer can
 encode and no response can echo, so every string of a request body is checked on arrival (400
@@ -17,12 +26,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from ..model_io import join_text_parts
 from .errors import ServeError
+from .sampling import Logprob, TokenLogprobs
 
 MAX_STOP = 16           # stop strings per request
 MAX_STOP_CHARS = 256    # characters per stop string
@@ -31,6 +42,7 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 64 - 1)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
 
@@ -80,20 +92,13 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: Seed | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
     def check_supported(self) -> None:
         """400 for a parameter given a value lorakit does not serve."""
-        if self.n not in (None, 1):
-            raise ServeError(f"n={self.n} is not supported: lorakit serve returns one choice per prompt; send the "
-                             "request n times with different seeds", 400, param="n")
-        for key in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, key) not in (None, 0, 0.0):
-                raise ServeError(f"{key} is not supported by lorakit serve; leave it out or set it to 0", 400,
-                                 param=key)
         if self.logit_bias:
             raise ServeError("logit_bias is not supported by lorakit serve; leave it out", 400, param="logit_bias")
 
@@ -106,11 +111,17 @@ class _Sampling(_Body):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def choices(self) -> int:
+        """Choices per prompt (`n`)."""
+        return 1 if self.n is None else self.n
+
 
 class CompletionRequest(_Sampling):
     prompt: (str | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
-    logprobs: int | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    """Report log-probabilities, with this many alternatives per token."""
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -127,8 +138,6 @@ class CompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs is not None:
-            raise ServeError("logprobs is not supported by lorakit serve; leave it out", 400, param="logprobs")
         if self.echo:
             raise ServeError("echo is not supported by lorakit serve; leave it out", 400, param="echo")
         if self.best_of not in (None, 1):
@@ -174,14 +183,14 @@ class ChatRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise ServeError("logprobs is not supported by lorakit serve; leave it out", 400, param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ServeError("top_logprobs needs logprobs: true", 400, param="top_logprobs")
         if self.tools:
             raise ServeError("tools are not supported by lorakit serve; leave them out", 400, param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -200,6 +209,11 @@ class ChatRequest(_Sampling):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def alternatives(self) -> int | None:
+        """Alternatives per token in the log-probabilities, None for no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class AdapterLoad(_Body):
@@ -224,29 +238,55 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
-    """`choices`: (text, finish_reason) per prompt."""
+def _entry(logprob: Logprob) -> dict:
+    return {"token": logprob.token, "logprob": logprob.logprob, "bytes": list(logprob.bytes)}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprobs] | None) -> dict | None:
+    """A chat choice's (or chunk's) `logprobs`; None when the request asked for none."""
+    if entries is None:
+        return None
+    return {"content": [{**_entry(e.chosen), "top_logprobs": [_entry(t) for t in e.top]} for e in entries],
+            "refusal": None}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprobs] | None) -> dict | None:
+    """A completion choice's (or chunk's) `logprobs`; None when the request asked for none. The
+    offsets are in the choice's whole text, in a chunk too."""
+    if entries is None:
+        return None
+    return {"tokens": [e.chosen.token for e in entries], "token_logprobs": [e.chosen.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+            "text_offset": [e.offset for e in entries]}
+
+
+def completion(rid: str, created: int, model: str, choices: list[tuple[str, str, dict | None]], use: dict) -> dict:
+    """`choices`: (text, finish_reason, logprobs) per choice."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                        for i, (text, reason) in enumerate(choices)],
+            "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                        for i, (text, reason, logprobs) in enumerate(choices)],
             "usage": use}
 
 
-def completion_chunk(rid: str, created: int, model: str, index: int, text: str, reason: str | None) -> dict:
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str, reason: str | None,
+                     logprobs: dict | None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
 
 
-def chat_completion(rid: str, created: int, model: str, text: str, reason: str, use: dict) -> dict:
+def chat_completion(rid: str, created: int, model: str, choices: list[tuple[str, str, dict | None]],
+                    use: dict) -> dict:
+    """`choices`: (text, finish_reason, logprobs) per choice."""
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                         "finish_reason": reason} for i, (text, reason, logprobs) in enumerate(choices)],
             "usage": use}
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: dict, reason: str | None) -> dict:
+def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict, reason: str | None,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, use: dict) -> dict:

@@ -1,7 +1,19 @@
 """From logits to tokens and from tokens to text, per request, for a batch whose rows each carry
 their own sampling settings.
 
-Token choice, per row of the last position's logits z (float32):
+Penalties (OpenAI's definition), per row, before anything else: with c[t] the number of times
+token t was generated so far by this request (the prompt does not count),
+
+    z[t] -= presence_penalty * (c[t] > 0) + frequency_penalty * c[t]
+
+A row without penalties keeps its logits untouched (the same tensor values, bit for bit).
+
+Log-probabilities, when a request asks for them, are log_softmax(z) of these penalised logits,
+before temperature and top-p: what the model (with the penalties the request asked for) thinks
+of each token, not the reshaped distribution the token was drawn from. They are reported for the
+chosen token and for the k most likely tokens.
+
+Token choice, per row of the (penalised) last position's logits z (float32):
   - temperature 0 (or one that is 0 in float32): greedy, argmax z (the first of equal maxima, as
     `model.generate` takes it);
   - otherwise p = softmax((z - max z) / temperature), then nucleus (top-p) filtering: keep the
@@ -26,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,17 @@ class SamplingParams:
     """Seeds this request's generator; None draws a seed."""
     stop: tuple[str, ...] = ()
     """Strings that end the text (not included)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token generated at least once so far, in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated so far, in [-2, 2]."""
+    logprobs: int | None = None
+    """Report each token's log-probability and those of the `logprobs` most likely tokens (0 to
+    20); None reports none."""
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -49,6 +73,110 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         gen.manual_seed(seed)
     return gen
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request asking for several (`n`): seed + index, modulo
+    2**64 (torch takes seeds as unsigned 64-bit), so choice i of a request seeded s is exactly the
+    single-choice request seeded s + i, and choice 0 is the request's own seed. None stays None:
+    each choice then draws its own seed."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index) % 2 ** 64
+
+
+def apply_penalties(logits: Tensor, params: list[SamplingParams], counts: list[Tensor | None]) -> Tensor:
+    """`logits` (B, V) with each penalised row's presence and frequency penalties subtracted.
+    `counts[i]` (V,) float32 holds row i's generated-token counts, None for a row without
+    penalties or with no token yet (nothing to subtract). Returns `logits` itself when no row
+    has counts, else a copy in which only the rows with counts differ."""
+    rows = [i for i, c in enumerate(counts) if c is not None]
+    if not rows:
+        return logits
+    index = torch.tensor(rows, device=logits.device)
+    c = torch.stack([counts[i] for i in rows])                                                  # (S, V)
+    presence = torch.tensor([params[i].presence_penalty for i in rows], dtype=torch.float32,
+                            device=logits.device)[:, None]                                      # (S, 1)
+    frequency = torch.tensor([params[i].frequency_penalty for i in rows], dtype=torch.float32,
+                             device=logits.device)[:, None]                                     # (S, 1)
+    out = logits.clone()
+    out[index] = logits[index] - (presence * (c > 0) + frequency * c)                           # (S, V)
+    return out
+
+
+def token_logprobs(logits: Tensor, tokens: list[int | None],
+                   alternatives: list[int | None]) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """Per row of `logits` (B, V): (log-probability of its chosen token, [(token, log-probability)
+    of the `alternatives[i]` most likely tokens, most likely first]), or None for a row that asked
+    for none (`alternatives[i]` None) or has no token."""
+    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(tokens)
+    rows = [i for i, (t, k) in enumerate(zip(tokens, alternatives, strict=True)) if t is not None and k is not None]
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits[index].float(), dim=-1)                                    # (S, V)
+    chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device))  # (S, 1)
+    k = max(alternatives[i] for i in rows)
+    values, ids = logp.topk(k, dim=-1)                                                        # (S, k) each
+    for j, i in enumerate(rows):
+        kept = alternatives[i]
+        out[i] = (float(chosen[j, 0]), list(zip(ids[j, :kept].tolist(), values[j, :kept].tolist(), strict=True)))
+    return out
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A token as a log-probability entry shows it (OpenAI's `{token, logprob, bytes}`)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's entry: the token, its alternatives, and where its text starts."""
+
+    chosen: Logprob
+    top: tuple[Logprob, ...]
+    """The most likely tokens, most likely first (the chosen one among them only if it is one)."""
+    offset: int
+    """Characters of the request's text before this token's (a token that completes a character
+    started by earlier ones shares their offset)."""
+
+
+class TokenTexts:
+    """Each token's text and bytes for log-probability entries. A byte-level BPE token (GPT-2,
+    Llama 3, the built-in byte tokenizer) maps back to its exact bytes, which may be part of a
+    multi-byte character: its text is then OpenAI's spelling of raw bytes, `bytes:\\xe2\\x80`, so
+    such tokens stay distinct (a decode would make them all U+FFFD). Special tokens, and every
+    token of another kind of tokenizer, show their decoded text and its UTF-8 bytes."""
+
+    _BYTE_OF = {char: byte for byte, char in bytes_to_unicode().items()}
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._added = set(tokenizer.get_added_vocab())
+        self._known: dict[int, tuple[str, tuple[int, ...]]] = {}
+
+    def entry(self, token: int, logprob: float) -> Logprob:
+        if token not in self._known:
+            self._known[token] = self._spell(token)
+        text, raw = self._known[token]
+        return Logprob(text, logprob, raw)
+
+    def _spell(self, token: int) -> tuple[str, tuple[int, ...]]:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if self._byte_level and piece not in self._added and all(c in self._BYTE_OF for c in piece):
+            raw = bytes(self._BYTE_OF[c] for c in piece)
+            try:
+                return raw.decode("utf-8"), tuple(raw)
+            except UnicodeDecodeError:
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), tuple(raw)
+        text = self.tokenizer.decode([token])
+        return text, tuple(text.encode("utf-8"))
 
 
 def choose_tokens(logits: Tensor, params: list[SamplingParams],
