@@ -318,7 +318,7 @@ def lorakit_grpo(prompts: list[list[int]], tokenizer, max_new: int) -> tuple[Cas
     from lorakit.train.config import GrpoSection
     from lorakit.train.data import RowStream
     from lorakit.train.distributed import Dist
-    from lorakit.train.grpo import GRPO
+    from lorakit.train.grpo import GRPO, grpo_rewards
     from lorakit.train.preference_data import PromptExample
 
     model = grpo_base()
@@ -327,8 +327,8 @@ def lorakit_grpo(prompts: list[list[int]], tokenizer, max_new: int) -> tuple[Cas
                           loss_type="dapo", scale_rewards="group",
                           rewards=[f"{Path(__file__).resolve()}:constant_reward"])
     examples = [PromptExample(p, as_text(p), {}, f"bench:{i}") for i, p in enumerate(prompts)]
-    objective = GRPO(section, tokenizer, Dist(), 0, examples, [], PAD, GRPO_PROMPTS, 1, True, model, None,
-                     contextlib.nullcontext)
+    objective = GRPO(section, grpo_rewards(section, examples, []), tokenizer, Dist(), 0, examples, [], PAD,
+                     GRPO_PROMPTS, 1, True, model, None, contextlib.nullcontext)
     stream, dist = RowStream(len(examples), 0), Dist()
     opt = torch.optim.AdamW(trainable(model), lr=LR)
 

@@ -23,6 +23,7 @@ from lorakit.plan import make_plan, render_text
 from lorakit.train.config import load_config
 from lorakit.train.data import RowStream
 from lorakit.train.distributed import Dist
+from lorakit.train.grpo import grpo_rewards
 from lorakit.train.loop import train
 from lorakit.train.memory import PeakMemory
 from lorakit.train.objectives import build_objective
@@ -131,14 +132,14 @@ def test_grpo_kv_cache_in_closed_form(llama_dir):
         assert g.total == max(_step(g), g.frozen_weights + g.trained_state + g.kv_cache + g.sampling)
     assert all(e.kv_cache == kv // 2 for e in _plan(llama_dir, *grpo, device="cuda").estimates)
     assert all(e.reference == 0 for e in _plan(llama_dir, *grpo, "grpo.beta=0").estimates)
-    # a large vocabulary and 64 short rows: the decoding step's rows x vocab tensors outgrow the
+    # a large vocabulary and 128 short rows: the decoding step's rows x vocab tensors outgrow the
     # training step's chunks of 256 rows of logits
     big = _config_dir(tiny_llama(vocab_size=50_000), Path(llama_dir).parent / "big-vocab")
-    sampled = _plan(str(big), *grpo, "training.micro_batch_size=4", "grpo.group_size=16",
+    sampled = _plan(str(big), *grpo, "training.micro_batch_size=8", "grpo.group_size=16",
                     "grpo.max_completion_len=4", "data.max_seq_len=8")
     e = sampled.estimates[0]
-    # logits, their fp32 copy, the previous scores, the tempered logits: 4 x 4; the CPU noise: 3 x 8
-    assert e.sampling == 64 * 50_000 * (4 * 4 + 3 * 8)
+    # logits, their fp32 copy, the previous scores: 3 x 4; the tempered logits and the noise: 5 x 4
+    assert e.sampling == 128 * 50_000 * (3 * 4 + 5 * 4)
     assert e.total == e.frozen_weights + e.trained_state + e.kv_cache + e.sampling > _step(e)
 
 
@@ -246,7 +247,8 @@ def test_sampling_estimate_within_5_percent_of_grpo_sampling(inputs):
     lk.add_adapter(model, cfg.lora, adapter_dtype=torch.float32)
     data = build_objective_data(cfg.data, tokenizer, cfg.training.seed, "grpo")
     dist = Dist(device=torch.device("cpu"))
-    objective = build_objective(cfg, data, tokenizer, model, dist, contextlib.nullcontext, lambda _: None)
+    objective = build_objective(cfg, data, tokenizer, model, dist, contextlib.nullcontext, lambda _: None,
+                                grpo_rewards(cfg.grpo, data.train, data.eval))
     peak = PeakMemory("cpu")
     with peak.region(model):
         batch = objective.batches(RowStream(len(data.train), cfg.training.seed), dist)[0]

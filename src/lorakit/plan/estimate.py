@@ -527,9 +527,10 @@ def sampling(a: Arch, w: Workload) -> int:
     head: only the last position's logits) and one decoding step, beyond the KV cache; 0 without
     sampling. A step holds, rows x vocab each: the logits (compute dtype), `generate`'s fp32 copy
     and the previous step's scores, while GumbelSampler makes the tempered logits and the noise
-    (on the CPU in fp64, with two temporaries of its transform; on CUDA its fp32 copy on the device
-    and the sum); with grpo.top_p < 1 also the sorted probabilities, their int64 order and the
-    mask, which it keeps to the end (measured on CPU). Or DynamicCache's copy of one layer's K or V
+    on the same device in fp32 (the rows' uniforms and their stack, a temporary of the transform,
+    the sum: 20 bytes an element with the tempered logits, measured on CPU); with grpo.top_p < 1
+    also the sorted probabilities, their int64 order and the mask, which it keeps to the end
+    (measured on CPU). Or DynamicCache's copy of one layer's K or V
     as it grows, in the step's forward."""
     f = w.forwards
     if not f.sampled:
@@ -537,7 +538,7 @@ def sampling(a: Arch, w: Workload) -> int:
     rows = w.batch * f.rows
     prefill = _no_grad_layer(a, dataclasses.replace(w, batch=rows, seq=w.seq - 1))
     held = w.compute_bytes + 4 + 4                       # the logits, their fp32 copy, the previous scores
-    noise = 4 + (3 * 8 if w.device == "cpu" else 4 + 4)  # the tempered logits, the noise (docstring)
+    noise = 5 * 4                                        # the tempered logits and the noise (docstring)
     nucleus = 4 + 8 + 1 if f.top_p < 1 else 0           # sorted probabilities, their order, the mask
     step = max(rows * a.vocab * (held + noise + nucleus), kv_cache(a, w) // (2 * a.layers))
     return max(prefill, step)
