@@ -31,6 +31,7 @@ bench: setup
 	$(PY) bench/bench_routing.py
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_preference.py
+	$(PY) bench/bench_grpo_learning.py
 	$(PY) bench/bench_gpu.py
 
 lint: setup

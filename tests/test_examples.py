@@ -44,6 +44,24 @@ def test_composition_demo_uses_the_library_every_way(tmp_path, monkeypatch, caps
     assert losses["fusion"] < min(losses["sentiment"], losses["parity"]), losses
 
 
+@pytest.mark.slow   # the README's GRPO figures: 450 SFT steps, then examples/grpo.yaml (100 steps, 256 completions each)
+def test_grpo_example_raises_the_held_out_reward_and_exact_match(tmp_path):
+    from lorakit.train.metrics import MetricsLog
+    sft = tmp_path / "sft-450"
+    _quickstart(tmp_path, "training.max_steps=450", "training.eval_every=0", f"output.dir={sft}")
+    out = tmp_path / "grpo"
+    cfg = load_config(str(ROOT / "examples" / "grpo.yaml"),
+                      [f"output.dir={out}", "output.tensorboard=false", f"training.init_from={sft}",
+                       f"training.reference_adapter={sft}"])
+    summary = train(cfg)
+    before, after = summary.eval_before, summary.eval_after
+    # the held-out reward is the exact match of greedy completions: with the exact_answer reward, the same figure
+    assert before.extra["eval_reward"] == before.exact_match and after.extra["eval_reward"] == after.exact_match
+    assert after.exact_match >= before.exact_match + 0.02, (before, after)
+    sampled = [float(r["reward"]) for r in MetricsLog.read(out / "metrics.csv") if r["reward"]]
+    assert sum(sampled[-20:]) > sum(sampled[:20]), sampled                 # the training reward rises too
+
+
 def test_every_example_config_loads():
     assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "llama3_8b_alpaca.yaml", "multi_gpu_fsdp.yaml"}
     for path in CONFIGS:
